@@ -1,0 +1,209 @@
+"""The operator's routes: `/concurrency/*`, `/healthz` (SPEC section 6).
+
+Every route but `/healthz` requires the admin token when one is configured; the
+check wraps the whole route table, so a route added later cannot slip past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from proxy.admission import LimiterStatus
+from proxy.errors import StoreError
+from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
+
+if TYPE_CHECKING:
+    from proxy.app import Sluice
+    from proxy.providers import Provider
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class AdminError(Exception):
+    """An admin request we refuse: `{"error": message}` with `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def status_json(status: LimiterStatus) -> dict[str, Any]:
+    """A `Status` object of SPEC section 6 (camelCase; optional keys only when they apply)."""
+    body: dict[str, Any] = {
+        "providerId": status.provider_id,
+        "limit": status.limit,
+        "inFlight": status.in_flight,
+        "queued": status.queued,
+        "paused": status.paused,
+        "cooldownMs": status.cooldown_ms,
+        "autoReduced": status.auto_reduced,
+    }
+    if status.paused_until is not None:
+        loop_now = asyncio.get_running_loop().time()
+        body["pausedUntil"] = round((time.time() + status.paused_until - loop_now) * 1000)
+    if status.auto_reduced:
+        body["autoReducedFrom"] = status.auto_reduced_from
+        body["notice"] = status.notice
+    body["running"] = status.running
+    body["cooling"] = status.cooling
+    body["usageGate"] = status.usage_gate
+    body["upstreamSessions"] = status.upstream_sessions
+    return body
+
+
+def _int_field(body: Any, field: str, low: int, high: int) -> int:
+    if not isinstance(body, dict):
+        raise AdminError(400, f'body must be a JSON object like {{"{field}": {low}}}')
+    unknown = sorted(set(body) - {field})
+    if unknown:
+        raise AdminError(400, f"unknown field {unknown[0]!r}; expected only {field!r}")
+    if field not in body:
+        raise AdminError(400, f"missing field {field!r}")
+    value = body[field]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdminError(400, f"{field} must be an integer from {low} to {high}")
+    if not low <= value <= high:
+        raise AdminError(400, f"{field} must be an integer from {low} to {high}, got {value}")
+    return value
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise AdminError(400, "body must be valid JSON") from None
+
+
+def routes(app: Sluice) -> list[BaseRoute]:
+    """The admin route table, bound to `app`."""
+
+    def provider(request: Request) -> Provider:
+        provider_id = request.path_params["provider_id"]
+        found = app.provider(provider_id)
+        if found is None:
+            raise AdminError(404, f"unknown provider {provider_id!r}")
+        return found
+
+    def control() -> Any:
+        assert app.control is not None, "admin route served before startup"
+        return app.control
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def all_status(request: Request) -> Response:
+        return JSONResponse(
+            {"providers": [status_json(p.limiter.status()) for p in app.providers.values()]}
+        )
+
+    async def one_status(request: Request) -> Response:
+        return JSONResponse(status_json(provider(request).limiter.status()))
+
+    async def all_limits(request: Request) -> Response:
+        limits = [
+            {"providerId": p.id, "limit": p.limiter.limit}
+            for p in app.providers.values()
+            if p.limiter.limit is not None
+        ]
+        return JSONResponse({"limits": limits})
+
+    async def get_limit(request: Request) -> Response:
+        p = provider(request)
+        if p.limiter.limit is None:
+            raise AdminError(404, f"provider {p.id!r} has no limit")
+        return JSONResponse({"providerId": p.id, "limit": p.limiter.limit})
+
+    async def put_limit(request: Request) -> Response:
+        p = provider(request)
+        limit = _int_field(await _json_body(request), "limit", 1, MAX_LIMIT)
+        await control().set_limit(p, limit)
+        return JSONResponse({"providerId": p.id, "limit": limit})
+
+    async def delete_limit(request: Request) -> Response:
+        p = provider(request)
+        await control().set_limit(p, None)
+        return JSONResponse({"ok": True, "providerId": p.id})
+
+    async def get_cooldown(request: Request) -> Response:
+        p = provider(request)
+        return JSONResponse({"providerId": p.id, "cooldownMs": p.limiter.policy.cooldown_ms})
+
+    async def put_cooldown(request: Request) -> Response:
+        p = provider(request)
+        cooldown_ms = _int_field(await _json_body(request), "cooldownMs", 0, MAX_COOLDOWN_MS)
+        await control().set_cooldown(p, cooldown_ms)
+        return JSONResponse({"providerId": p.id, "cooldownMs": cooldown_ms})
+
+    async def events(request: Request) -> Response:
+        provider_id = request.query_params.get("provider")
+        if provider_id is not None and app.provider(provider_id) is None:
+            raise AdminError(404, f"unknown provider {provider_id!r}")
+        raw_limit = request.query_params.get("limit", "100")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+            raise AdminError(400, "limit must be an integer from 1 to 1000")
+        found = await control().store.events(provider_id, int(raw_limit))
+        return JSONResponse(
+            {
+                "events": [
+                    {"at": e.at_ms, "providerId": e.provider_id, "kind": e.kind, "detail": e.detail}
+                    for e in found
+                ]
+            }
+        )
+
+    token = app.settings.server.admin_token.get_secret_value().encode()
+
+    def guarded(endpoint: Endpoint, public: bool = False) -> Endpoint:
+        async def handle(request: Request) -> Response:
+            if token and not public and not _authorized(request, token):
+                return JSONResponse(
+                    {"error": "missing or wrong admin token (Authorization: Bearer <token>)"},
+                    status_code=401,
+                    headers={"www-authenticate": "Bearer"},
+                )
+            try:
+                return await endpoint(request)
+            except AdminError as err:
+                return JSONResponse({"error": err.message}, status_code=err.status)
+            except StoreError as err:
+                return JSONResponse(
+                    {"error": f"the change could not be stored, nothing changed: {err}"},
+                    status_code=500,
+                )
+
+        return handle
+
+    table: list[tuple[str, Endpoint, list[str]]] = [
+        ("/concurrency/status", all_status, ["GET"]),
+        ("/concurrency/status/{provider_id}", one_status, ["GET"]),
+        ("/concurrency/limits", all_limits, ["GET"]),
+        ("/concurrency/limits/{provider_id}", get_limit, ["GET"]),
+        ("/concurrency/limits/{provider_id}", put_limit, ["PUT"]),
+        ("/concurrency/limits/{provider_id}", delete_limit, ["DELETE"]),
+        ("/concurrency/cooldown/{provider_id}", get_cooldown, ["GET"]),
+        ("/concurrency/cooldown/{provider_id}", put_cooldown, ["PUT"]),
+        ("/concurrency/events", events, ["GET"]),
+    ]
+    public: list[BaseRoute] = [Route("/healthz", guarded(healthz, public=True), methods=["GET"])]
+    return public + [
+        Route(path, guarded(endpoint), methods=methods) for path, endpoint, methods in table
+    ]
+
+
+def _authorized(request: Request, token: bytes) -> bool:
+    given = request.headers.get("authorization", "")
+    scheme, _, credential = given.partition(" ")
+    # compare_digest takes time independent of where the strings differ.
+    return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode(), token)

@@ -1,0 +1,93 @@
+"""The application: wires config, providers, store, relay and admin routes together.
+
+Proxied paths (`/v1/...`, `/{provider}/v1/...`) go straight from the ASGI entry to
+the relay; everything else (admin, health, metrics) is a small Starlette app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import structlog
+from starlette.applications import Starlette
+
+from proxy import admin
+from proxy.control import Control
+from proxy.errors import HTTPError
+from proxy.providers import Provider
+from proxy.relay import Receive, Relay, Scope, Send, send_error
+from proxy.routing import Router
+from proxy.settings import ProviderConfig, Settings, resolve_providers
+from proxy.store import Store
+
+log = structlog.get_logger("sluice")
+
+
+class Sluice:
+    """The ASGI application. Providers and the store exist between lifespan start and end."""
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self.configs: list[ProviderConfig] = resolve_providers(settings)
+        self.transport = transport
+        self.providers: dict[str, Provider] = {}
+        self.router: Router[Provider] = Router({}, None)
+        self.relay = Relay(settings.server.max_body_bytes)
+        self.control: Control | None = None
+        self.web = Starlette(routes=admin.routes(self), lifespan=self._lifespan)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                route = self.router.resolve(scope["path"], scope.get("raw_path"))
+            except HTTPError as err:
+                await send_error(send, err)
+                return
+            if route is not None:
+                await self.relay(scope, receive, send, route)
+                return
+        await self.web(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        store = await Store.open(self.settings.server.database)
+        self.control = Control(store)
+        for config in self.configs:
+            self.providers[config.id] = Provider(
+                config,
+                loop=loop,
+                transport=self.transport,
+                ca_bundle=self.settings.server.ca_bundle,
+                on_event=self.control.on_limiter_event,
+            )
+        default = next((c.id for c in self.configs if c.default), None)
+        self.router = Router(self.providers, default)
+        sources = await self.control.restore(self.providers.values())
+        log.info("sluice started", providers=sources)
+
+    async def close(self) -> None:
+        for provider in self.providers.values():
+            await provider.close()
+        if self.control is not None:
+            await self.control.close()
+
+    def provider(self, provider_id: str) -> Provider | None:
+        return self.providers.get(provider_id)
+
+
+def create_app(settings: Settings, **kwargs: Any) -> Sluice:
+    return Sluice(settings, **kwargs)

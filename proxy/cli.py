@@ -1,0 +1,38 @@
+"""The `sluice` command line: serve, sim, demo, status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import proxy.sim
+
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="TOML file (default: $SLUICE_CONFIG, then ./sluice.toml)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+
+    proxy.sim.add_arguments(commands.add_parser("sim", help="run the simulated upstream"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "sim":
+        import proxy.sim
+
+        return proxy.sim.run(args)
+    if args.command == "serve":
+        import proxy.server
+
+        return proxy.server.run(config=args.config, host=args.host, port=args.port)
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Every error sluice reports, and the one HTTP answer each becomes.
+
+    SluiceError
+    ├── ConfigError            bad configuration: one line naming the key, exit code 2
+    ├── StoreError             the SQLite store could not read or write
+    ├── ClientError            the client sent something we cannot act on (4xx)
+    │   ├── BadRequest         400, e.g. a malformed X-Prompt-Started-At
+    │   ├── NotFound           404, unknown provider or route
+    │   └── BodyTooLarge       413, over server.max_body_bytes
+    ├── UpstreamError          the provider could not be reached or went silent
+    │   ├── UpstreamUnavailable  502, connect failure or timeout, reset before the headers
+    │   └── UpstreamTimeout      504, no byte for read_timeout_s
+    └── AdmissionRejected      503 with Retry-After: the queue is full or the wait timed out
+
+Lower-layer exceptions (httpx, sqlite3) are mapped to these once, at the edge that
+catches them, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SluiceError(Exception):
+    """Base of every error sluice raises on purpose."""
+
+
+class ConfigError(SluiceError):
+    """Invalid configuration; `str(err)` is the single line shown to the user."""
+
+
+class StoreError(SluiceError):
+    """The SQLite store failed; the write it was asked for did not happen."""
+
+
+class HTTPError(SluiceError):
+    """An error that becomes an OpenAI-style JSON answer with `status`."""
+
+    status: int = 500
+    type: str = "sluice_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> bytes:
+        """`{"error": {"message", "type", "code"}}`, as the OpenAI API shapes its errors."""
+        error = {"message": self.message, "type": self.type, "code": self.code}
+        return json.dumps({"error": error}).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after_s is not None:
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        return headers
+
+
+class ClientError(HTTPError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "body_too_large"
+
+
+class UpstreamError(HTTPError):
+    status = 502
+    type = "sluice_upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class AdmissionRejected(HTTPError):
+    status = 503
+
+
+class QueueFull(AdmissionRejected):
+    type = "sluice_queue_full"
+    code = "queue_full"
+
+
+class QueueTimeout(AdmissionRejected):
+    type = "sluice_queue_timeout"
+    code = "queue_timeout"

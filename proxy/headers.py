@@ -1,0 +1,81 @@
+"""Parsing of the request and response headers that steer admission.
+
+Pure functions: they return numbers or raise `BadRequest`; the relay decides what
+to do with them.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
+from proxy.errors import BadRequest
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-connection",
+    }
+)
+"""Headers that describe one connection, not the message (RFC 9110 section 7.6.1)."""
+
+
+def prompt_started_at_ms(value: str | None, now_ms: float) -> float:
+    """The `X-Prompt-Started-At` header as epoch milliseconds; absent means now.
+
+    Accepts integer epoch milliseconds or an RFC 3339 timestamp with an offset.
+    A time in the future counts as now, so a client cannot buy priority by lying
+    about the future.
+    """
+    if value is None:
+        return now_ms
+    text = value.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 16:
+        at = float(int(text))
+    else:
+        try:
+            parsed = datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.tzinfo is None or "T" not in text.upper():
+            raise BadRequest(
+                "X-Prompt-Started-At must be epoch milliseconds (an integer) "
+                "or an RFC 3339 timestamp with an offset, e.g. 2026-11-28T09:30:00Z"
+            )
+        at = parsed.timestamp() * 1000
+    return min(at, now_ms)
+
+
+def retry_after_s(headers: dict[str, str], now_epoch_s: float) -> float | None:
+    """Seconds to pause after a 429: `retry-after-ms`, else `Retry-After` (delta
+    seconds or an HTTP date); None when absent or unreadable (the caller then uses
+    `pause_s`). `headers` has lower-case names."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value / 1000
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - now_epoch_s)

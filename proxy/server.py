@@ -1,0 +1,83 @@
+"""`sluice serve`: load the config, configure logging, run uvicorn until a signal."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import threading
+
+import uvicorn
+
+from proxy import logs
+from proxy.app import Sluice
+from proxy.errors import ConfigError
+from proxy.settings import Settings, config_path, load, resolve_providers
+
+
+class _QuietAbort(logging.Filter):
+    """uvicorn logs any exception leaving the app as an error with a traceback. An
+    upstream cut mid-stream is reported by us already; the exception only tells
+    uvicorn to drop the client connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from proxy.relay import UpstreamCut
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UpstreamCut)
+
+
+def run(config: str | None = None, host: str | None = None, port: int | None = None) -> int:
+    try:
+        settings = load(config_path(config))
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        if overrides:
+            settings = settings.model_copy(
+                update={"server": settings.server.model_copy(update=overrides)}
+            )
+        keys = [p.api_key for p in resolve_providers(settings) if p.api_key]
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    server = settings.server
+    logs.configure(
+        server.log_format,
+        server.log_level,
+        secrets=[*keys, server.admin_token.get_secret_value()],
+    )
+    logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
+    return serve(
+        uvicorn.Server(
+            uvicorn.Config(
+                Sluice(settings),
+                host=server.host,
+                port=server.port,
+                loop="uvloop",
+                http="httptools",
+                lifespan="on",
+                access_log=False,
+                server_header=False,
+                date_header=False,  # the upstream's Date passes through
+                log_config=None,
+                timeout_graceful_shutdown=math.ceil(server.shutdown_grace_s),
+            )
+        )
+    )
+
+
+def serve(server: uvicorn.Server) -> int:
+    """Run `server` until SIGTERM/SIGINT; 0 after a clean shutdown, 3 if startup failed.
+
+    uvicorn re-raises the signal that stopped it, into the handler installed before
+    it started; with the default handler a SIGTERM would end the process with -15.
+    Installing uvicorn's own handler first makes that re-raise harmless.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.handle_exit)
+    server.run()
+    return 0 if server.started else 3
+
+
+__all__ = ["Settings", "run", "serve"]
