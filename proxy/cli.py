@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override server.port")
 
     proxy.sim.add_arguments(commands.add_parser("sim", help="run the simulated upstream"))
+    commands.add_parser("demo", help="sim + proxy + a burst of agents; prints what happens")
     return parser
 
 
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         import proxy.server
 
         return proxy.server.run(config=args.config, host=args.host, port=args.port)
+    if args.command == "demo":
+        import proxy.demo
+
+        return proxy.demo.main()
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

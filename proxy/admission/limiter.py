@@ -310,7 +310,7 @@ class Limiter:
         """
         now = self._clock()
         delay = self.policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
-        self._emit("rate_limited", f"429 from upstream (conversation {permit.conversation_id})")
+        self._emit("rate_limited", "429 from upstream" + _conversation(permit.conversation_id))
         if now + delay > self._paused_until:  # a new 429 extends a pause, never shortens it
             self._paused_until = now + delay
             self._emit("paused", f"queue paused for {delay:g} s")
@@ -526,7 +526,7 @@ class Limiter:
             held_ms = round((now - permit.admitted_at) * 1000)
             self._emit(
                 "slot_reclaimed",
-                f"slot of conversation {permit.conversation_id} reclaimed after {held_ms} ms",
+                f"slot held {held_ms} ms reclaimed" + _conversation(permit.conversation_id),
             )
             # Reclaiming releases the slot now; the permit's own release later is a no-op.
             self._release(permit)
@@ -559,3 +559,7 @@ class Limiter:
 
     def _emit(self, kind: EventKind, detail: str) -> None:
         self._on_event(LimiterEvent(kind, detail))
+
+
+def _conversation(conversation_id: str | None) -> str:
+    return f" (conversation {conversation_id})" if conversation_id else ""
