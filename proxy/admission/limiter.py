@@ -423,6 +423,9 @@ class Limiter:
         )
 
     def _retry_after_s(self, now: float) -> int:
+        """What a refused client should wait: the rest of a pause, else a second."""
+        if now >= self._paused_until:
+            return 1
         return max(1, math.ceil(self._paused_until - now))
 
     def _pump(self) -> None:
