@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from proxy.admission import LimiterStatus
 from proxy.errors import StoreError
+from proxy.metrics import CONTENT_TYPE
 from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
 
 if TYPE_CHECKING:
@@ -102,6 +103,9 @@ def routes(app: Sluice) -> list[BaseRoute]:
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(app.metrics.render(), media_type=CONTENT_TYPE)
 
     async def all_status(request: Request) -> Response:
         return JSONResponse(
@@ -195,6 +199,7 @@ def routes(app: Sluice) -> list[BaseRoute]:
         ("/concurrency/cooldown/{provider_id}", get_cooldown, ["GET"]),
         ("/concurrency/cooldown/{provider_id}", put_cooldown, ["PUT"]),
         ("/concurrency/events", events, ["GET"]),
+        ("/metrics", metrics, ["GET"]),
     ]
     public: list[BaseRoute] = [Route("/healthz", guarded(healthz, public=True), methods=["GET"])]
     return public + [

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from proxy import admin
 from proxy.control import Control
 from proxy.errors import HTTPError
+from proxy.metrics import Metrics
 from proxy.providers import Provider
 from proxy.relay import Receive, Relay, Scope, Send, send_error
 from proxy.routing import Router
@@ -40,6 +41,7 @@ class Sluice:
         self.router: Router[Provider] = Router({}, None)
         self.relay = Relay(settings.server.max_body_bytes)
         self.control: Control | None = None
+        self.metrics = Metrics(lambda: [p.limiter for p in self.providers.values()])
         self.web = Starlette(routes=admin.routes(self), lifespan=self._lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,13 +69,16 @@ class Sluice:
         store = await Store.open(self.settings.server.database)
         self.control = Control(store)
         for config in self.configs:
-            self.providers[config.id] = Provider(
+            provider = Provider(
                 config,
                 loop=loop,
                 transport=self.transport,
                 ca_bundle=self.settings.server.ca_bundle,
                 on_event=self.control.on_limiter_event,
             )
+            provider.observe_queue_wait = self.metrics.queue_wait.labels(config.id).observe
+            provider.observe_ttfb = self.metrics.upstream_ttfb.labels(config.id).observe
+            self.providers[config.id] = provider
         default = next((c.id for c in self.configs if c.default), None)
         self.router = Router(self.providers, default)
         sources = await self.control.restore(self.providers.values())

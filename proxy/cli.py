@@ -8,6 +8,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     import proxy.sim
+    import proxy.status
 
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     proxy.sim.add_arguments(commands.add_parser("sim", help="run the simulated upstream"))
     commands.add_parser("demo", help="sim + proxy + a burst of agents; prints what happens")
+    proxy.status.add_arguments(commands.add_parser("status", help="show a running proxy's state"))
     return parser
 
 
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         import proxy.server
 
         return proxy.server.run(config=args.config, host=args.host, port=args.port)
+    if args.command == "status":
+        import proxy.status
+
+        return proxy.status.run(args)
     if args.command == "demo":
         import proxy.demo
 

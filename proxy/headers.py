@@ -7,7 +7,8 @@ to do with them.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 from proxy.errors import BadRequest
@@ -25,6 +26,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Headers that describe one connection, not the message (RFC 9110 section 7.6.1)."""
+
+_DELTA_SECONDS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 
 def prompt_started_at_ms(value: str | None, now_ms: float) -> float:
@@ -68,14 +71,13 @@ def retry_after_s(headers: dict[str, str], now_epoch_s: float) -> float | None:
     raw = headers.get("retry-after")
     if raw is None:
         return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    raw = raw.strip()
+    if _DELTA_SECONDS.match(raw):
+        return float(raw)
     try:
         when = parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # an HTTP date without a zone (asctime, "-0000") is GMT
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now_epoch_s)

@@ -26,6 +26,10 @@ class Provider:
     ) -> None:
         self.config = config
         self.id = config.id
+        self.id_bytes = config.id.encode()
+        # Replaced by histogram observers when metrics are wired (app.py).
+        self.observe_queue_wait: Callable[[float], None] = _ignore
+        self.observe_ttfb: Callable[[float], None] = _ignore
         self.admitted_paths = frozenset(path.rstrip("/") for path in config.admitted_paths)
         self.upstream = Upstream(config, transport=transport, ca_bundle=ca_bundle)
         self._loop = loop
@@ -71,3 +75,7 @@ class Provider:
         for task in list(self._polls):
             task.cancel()
         await self.upstream.close()
+
+
+def _ignore(_: float) -> None:
+    pass

@@ -8,11 +8,13 @@ client's disconnect, and the hot path should do no work it does not need.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpx
+import structlog
 
 from proxy.admission import Permit, Rejection
 from proxy.admission.aio import admit
@@ -34,6 +36,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _DROP_RESPONSE = HOP_BY_HOP
+log = structlog.get_logger("sluice")
+access_log = structlog.get_logger("sluice.access")
+_access_enabled = logging.getLogger("sluice.access").isEnabledFor
 
 
 class UpstreamCut(Exception):
@@ -100,6 +105,36 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
+class Exchange:
+    """What one proxied request did: the fields of its access log line."""
+
+    __slots__ = (
+        "bytes",
+        "conversation_id",
+        "method",
+        "path",
+        "provider",
+        "queue_ms",
+        "started",
+        "status",
+        "upstream_ms",
+    )
+
+    def __init__(self, provider: str, method: str, path: str) -> None:
+        self.provider = provider
+        self.method = method
+        self.path = path
+        self.status = 0
+        self.queue_ms: int | None = None
+        self.upstream_ms: int | None = None
+        self.bytes = 0
+        self.conversation_id: str | None = None
+        self.started = False
+
+    def log_fields(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__ if name != "started"}
+
+
 class Relay:
     """Forwards one proxied request; `app.py` routes here."""
 
@@ -110,38 +145,47 @@ class Relay:
         self, scope: Scope, receive: Receive, send: Send, route: Route[Provider]
     ) -> None:
         provider = route.provider
-        started = False
+        exchange = Exchange(provider.id, scope["method"], scope["path"])
+        try:
+            await self._exchange(scope, receive, send, route, exchange)
+        finally:
+            if _access_enabled(logging.INFO):
+                access_log.info("request", **exchange.log_fields())
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
+    async def _exchange(
+        self, scope: Scope, receive: Receive, send: Send, route: Route[Provider], ex: Exchange
+    ) -> None:
+        provider = route.provider
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         try:
             length = _header(headers, b"content-length")
             declared = int(length) if length is not None and length.isdigit() else None
             body = await read_body(receive, self.max_body_bytes, declared)
         except ClientGone:
+            ex.status = 499
             return
         except HTTPError as err:
+            ex.status = err.status
             await send_error(send, err, provider.id)
             return
         watch = DisconnectWatch(receive)
         try:
             if provider.admits(scope["method"], route.path):
-                await self._admitted(scope, tracked_send, route, body)
+                await self._admitted(scope, send, route, body, ex)
             else:
-                await self._forward(scope, tracked_send, route, body, None)
+                await self._relay(send, await self._open(scope, route, body, ex), provider, ex)
         except HTTPError as err:
-            if started:
+            if ex.started:
+                log.warning("upstream failed mid-response", provider=provider.id, error=err.message)
                 raise UpstreamCut(err.message) from err
+            ex.status = err.status
             await send_error(send, err, provider.id)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
             # The client left: every `finally` below has released and closed what
             # it held; end the request quietly.
+            ex.status = 499 if not ex.started else ex.status
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
@@ -149,7 +193,7 @@ class Relay:
             watch.close()
 
     async def _admitted(
-        self, scope: Scope, send: Send, route: Route[Provider], body: bytes
+        self, scope: Scope, send: Send, route: Route[Provider], body: bytes, ex: Exchange
     ) -> None:
         provider = route.provider
         limiter = provider.limiter
@@ -157,21 +201,21 @@ class Relay:
         priority = prompt_started_at_ms(
             _header(headers, b"x-prompt-started-at"), time.time() * 1000
         )
-        conversation_id = _header(headers, b"x-conversation-id")
+        ex.conversation_id = _header(headers, b"x-conversation-id")
         seq = limiter.next_seq()
         loop = asyncio.get_running_loop()
         queued_s = 0.0
         retries_left = provider.config.retry_on_429
         while True:
             waited_from = loop.time()
-            outcome = await admit(limiter, priority, conversation_id=conversation_id, seq=seq)
+            outcome = await admit(limiter, priority, conversation_id=ex.conversation_id, seq=seq)
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):
                 raise _rejection_error(outcome, provider.id)
             permit: Permit = outcome
             try:
-                queue_ms = round(queued_s * 1000)
-                response = await self._open(scope, route, body)
+                ex.queue_ms = round(queued_s * 1000)
+                response = await self._open(scope, route, body, ex)
                 if response.status_code == 429 and limiter.limit is not None:
                     limiter.on_rate_limited(
                         permit, retry_after_s(dict(response.headers.items()), time.time())
@@ -180,49 +224,58 @@ class Relay:
                         retries_left -= 1
                         await response.aclose()
                         continue  # back in the queue, at the same place
-                await self._relay(send, response, provider.id, queue_ms)
+                provider.observe_queue_wait(queued_s)
+                await self._relay(send, response, provider, ex)
                 return
             finally:
                 permit.release()
 
-    async def _forward(
-        self, scope: Scope, send: Send, route: Route[Provider], body: bytes, queue_ms: int | None
-    ) -> None:
-        response = await self._open(scope, route, body)
-        await self._relay(send, response, route.provider.id, queue_ms)
-
-    async def _open(self, scope: Scope, route: Route[Provider], body: bytes) -> httpx.Response:
-        upstream = route.provider.upstream
-        return await upstream.send(
+    async def _open(
+        self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
+    ) -> httpx.Response:
+        provider = route.provider
+        upstream = provider.upstream
+        sent = time.perf_counter()
+        response = await upstream.send(
             scope["method"],
             upstream.url(route.raw_path, scope.get("query_string", b"")),
             upstream.request_headers(scope["headers"]),
             body,
         )
+        ttfb = time.perf_counter() - sent
+        provider.observe_ttfb(ttfb)
+        ex.upstream_ms = round(ttfb * 1000)
+        return response
 
     async def _relay(
-        self, send: Send, response: httpx.Response, provider_id: str, queue_ms: int | None
+        self, send: Send, response: httpx.Response, provider: Provider, ex: Exchange
     ) -> None:
         """Stream `response` to the client chunk by chunk as it arrives, then close it."""
+        started = time.perf_counter()
         try:
             headers = [
                 (name.lower(), value)
                 for name, value in response.headers.raw
                 if name.lower() not in _DROP_RESPONSE
             ]
-            headers.append((b"x-sluice-provider", provider_id.encode()))
-            if queue_ms is not None:
-                headers.append((b"x-sluice-queue-ms", str(queue_ms).encode()))
+            headers.append((b"x-sluice-provider", provider.id_bytes))
+            if ex.queue_ms is not None:
+                headers.append((b"x-sluice-queue-ms", str(ex.queue_ms).encode()))
+            ex.status = response.status_code
+            ex.started = True
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
             try:
                 async for chunk in response.aiter_raw():
+                    ex.bytes += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except httpx.HTTPError as exc:
-                raise upstream_error(exc, provider_id) from exc
+                raise upstream_error(exc, provider.id) from exc
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if ex.upstream_ms is not None:
+                ex.upstream_ms += round((time.perf_counter() - started) * 1000)
             await response.aclose()
 
 

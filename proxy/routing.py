@@ -1,16 +1,18 @@
 """Which provider a request is for, and the path to forward (SPEC section 3).
 
 `/v1/{path}` goes to the default provider, `/{provider_id}/v1/{path}` to that
-provider. The forwarded path is taken from the raw (still percent-encoded) path so
-it reaches the upstream unchanged; dot segments are refused so a client cannot
-climb out of the provider's `base_url` path with the provider's key attached.
+provider. Routing works on the raw (still percent-encoded) path split at its
+literal slashes, so an encoded slash (`%2F`) can never move the split point, and
+the rest is forwarded exactly as the client wrote it. Dot segments are refused,
+encoded or not, so a client cannot climb out of the provider's `base_url` path
+with the provider's key attached.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from proxy.errors import BadRequest, NotFound
 
@@ -32,33 +34,32 @@ class Router(Generic[P]):
     def resolve(self, path: str, raw_path: bytes | None) -> Route[P] | None:
         """The route for a proxied path, or None when the path is not a proxy path
         (the caller serves its own routes then). Raises NotFound or BadRequest."""
-        raw = raw_path if raw_path is not None else path.encode()
-        if path.startswith("/v1/") or path == "/v1":
+        raw = raw_path if raw_path is not None else quote(path).encode()
+        segments = raw.split(b"/")  # ["", first, second, ...]
+        if _decode(segments, 1) == "v1":
             provider = self._default
             if provider is None:
-                prefixes = ", ".join(f"/{pid}/v1/" for pid in self._providers)
-                raise NotFound(f"no default provider; use a provider prefix: {prefixes}")
-            rest, raw_rest = path[3:], _raw_rest(raw, 0, path[3:])
-        else:
-            head, sep, tail = path[1:].partition("/")
-            if not sep or not tail.startswith("v1") or tail[2:3] not in ("", "/"):
-                return None
-            found = self._providers.get(head)
+                raise NotFound(f"no default provider; use a provider prefix: {self._prefixes()}")
+            rest = 2
+        elif _decode(segments, 2) == "v1":
+            provider_id = _decode(segments, 1)
+            found = self._providers.get(provider_id)
             if found is None:
-                known = ", ".join(f"/{pid}/v1/" for pid in self._providers)
-                raise NotFound(f"unknown provider {head!r}; configured: {known}")
+                raise NotFound(f"unknown provider {provider_id!r}; configured: {self._prefixes()}")
             provider = found
-            rest = path[len(head) + 4 :]  # "/" + id + "/v1"
-            raw_rest = _raw_rest(raw, raw.find(b"/", 1), rest)
-        segments = rest.split("/")
-        if "." in segments or ".." in segments:
+            rest = 3
+        else:
+            return None
+        raw_rest = b"/" + b"/".join(segments[rest:]) if len(segments) > rest else b""
+        decoded = unquote(raw_rest.decode("latin-1"))
+        parts = decoded.split("/")
+        if "." in parts or ".." in parts:
             raise BadRequest("path must not contain '.' or '..' segments")
-        return Route(provider, raw_rest, rest)
+        return Route(provider, raw_rest, decoded)
+
+    def _prefixes(self) -> str:
+        return ", ".join(f"/{pid}/v1/" for pid in self._providers)
 
 
-def _raw_rest(raw: bytes, slash: int, rest: str) -> bytes:
-    """The raw bytes after the `/v1` that starts at `slash`; if the client
-    percent-encoded the prefix itself, fall back to re-encoding the decoded rest."""
-    if slash >= 0 and raw[slash : slash + 3] == b"/v1":
-        return raw[slash + 3 :]
-    return quote(rest).encode()
+def _decode(segments: list[bytes], index: int) -> str:
+    return unquote(segments[index].decode("latin-1")) if index < len(segments) else ""

@@ -114,9 +114,9 @@ def parse_usage(body: bytes) -> int | None:
         return None
     if isinstance(count, bool) or not isinstance(count, int | float):
         return None
-    if not math.isfinite(count) or count < 0:
+    if isinstance(count, float) and not math.isfinite(count):
         return None
-    return int(count)
+    return int(count) if count >= 0 else None
 
 
 def upstream_error(exc: httpx.HTTPError, provider_id: str) -> UpstreamError:

@@ -8,6 +8,7 @@ except through the callbacks it was given.
 from proxy.admission.clock import Clock, Scheduler, Timer
 from proxy.admission.limiter import (
     Limiter,
+    LimiterCounters,
     LimiterEvent,
     LimiterStatus,
     Permit,
@@ -19,6 +20,7 @@ from proxy.admission.limiter import (
 __all__ = [
     "Clock",
     "Limiter",
+    "LimiterCounters",
     "LimiterEvent",
     "LimiterStatus",
     "Permit",

@@ -75,6 +75,20 @@ class LimiterStatus:
     upstream_sessions: int | None  # the last successful /usage answer
 
 
+@dataclass
+class LimiterCounters:
+    """Monotonic counts since start, read by the metrics collector at scrape time
+    (plain ints: nothing on the request path pays for a metrics label lookup)."""
+
+    admitted: int = 0
+    rate_limited: int = 0
+    auto_reductions: int = 0
+    slots_reclaimed: int = 0
+    usage_polls_room: int = 0
+    usage_polls_full: int = 0
+    usage_polls_no_info: int = 0
+
+
 @dataclass(frozen=True)
 class LimiterEvent:
     """Something an operator should be able to read back: a 429, a reduction, a reclaim."""
@@ -98,6 +112,7 @@ class Permit:
         "_limiter",
         "admitted_at",
         "conversation_id",
+        "limit_epoch",
         "prompt_started_at",
         "released",
         "seq",
@@ -110,8 +125,10 @@ class Permit:
         seq: int,
         conversation_id: str | None,
         admitted_at: float,
+        limit_epoch: int = 0,
     ) -> None:
         self._limiter = limiter
+        self.limit_epoch = limit_epoch
         self.prompt_started_at = prompt_started_at
         self.seq = seq
         self.conversation_id = conversation_id
@@ -216,11 +233,12 @@ class Limiter:
         self._cooling: list[float] = []  # heap of recycle times
         self._queue: WaitQueue[Waiter] = WaitQueue()
         self._paused_until = -math.inf
-        self._last_reduction_at = -math.inf
+        self._limit_epoch = 0  # bumped by every limit change; permits remember theirs
 
         self.auto_reduced = False
         self.auto_reduced_from: int | None = None
         self.upstream_sessions: int | None = None
+        self.counters = LimiterCounters()
 
         self._gate = _Gate.CLOSED
         self._polling = False
@@ -252,10 +270,9 @@ class Limiter:
             seq = next(self._seq)
         now = self._clock()
         policy = self.policy
-        if policy.limit is None:
-            return self._admit(prompt_started_at, seq, conversation_id, now)
         # The fast path refuses while anyone waits or while paused, so a newcomer
-        # can never overtake the queue.
+        # can never overtake the queue (not even after the limit was removed while
+        # a pause still holds earlier waiters).
         if not self._queue and now >= self._paused_until and self._free_slots(now) > 0:
             return self._admit(prompt_started_at, seq, conversation_id, now)
         if len(self._queue) >= policy.max_queue:
@@ -297,6 +314,7 @@ class Limiter:
         """The one place the limit changes. Lowering never evicts a running request;
         raising (or removing) wakes as many waiters as now fit."""
         self.policy.limit = limit
+        self._limit_epoch += 1
         self._pump()
 
     # -------------------------------------------------------------------- 429
@@ -304,23 +322,24 @@ class Limiter:
     def on_rate_limited(self, permit: Permit, retry_after_s: float | None) -> None:
         """The upstream answered 429 to `permit`'s request: pause, maybe reduce, release.
 
-        A 429 for a request admitted before the last reduction is the same overshoot
-        that reduction already answered, so it extends the pause but does not lower
-        the limit again (concurrent 429s cost one step, not one step each).
+        A 429 for a request admitted before the last limit change is the same
+        overshoot that change already answered, so it extends the pause but does not
+        lower the limit again (concurrent 429s cost one step, not one step each).
         """
         now = self._clock()
         delay = self.policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
+        self.counters.rate_limited += 1
         self._emit("rate_limited", "429 from upstream" + _conversation(permit.conversation_id))
         if now + delay > self._paused_until:  # a new 429 extends a pause, never shortens it
             self._paused_until = now + delay
             self._emit("paused", f"queue paused for {delay:g} s")
         limit = self.policy.limit
-        if limit is not None and limit > 1 and permit.admitted_at >= self._last_reduction_at:
+        if limit is not None and limit > 1 and permit.limit_epoch == self._limit_epoch:
             if not self.auto_reduced:
                 self.auto_reduced_from = limit
             self.auto_reduced = True
-            self._last_reduction_at = now
-            self.policy.limit = limit - 1
+            self._change_limit(limit - 1)  # the pause is in force: this admits nobody
+            self.counters.auto_reductions += 1
             self._emit("limit_reduced", f"limit {limit} -> {limit - 1} after a 429")
         # Release last: the pause must already be in force, or the freed slot
         # would go straight to the next waiter.
@@ -372,8 +391,9 @@ class Limiter:
     def _admit(
         self, prompt_started_at: float, seq: int, conversation_id: str | None, now: float
     ) -> Permit:
-        permit = Permit(self, prompt_started_at, seq, conversation_id, now)
+        permit = Permit(self, prompt_started_at, seq, conversation_id, now, self._limit_epoch)
         self._running[seq] = permit
+        self.counters.admitted += 1
         if self.policy.limit is not None and "watchdog" not in self._timers:
             self._arm("watchdog", now + self.policy.watchdog_interval_s, self._watchdog)
         return permit
@@ -506,12 +526,15 @@ class Limiter:
         self._polling = False
         limit = self.policy.limit
         if sessions is None or limit is None:
+            self.counters.usage_polls_no_info += 1
             self._gate = _Gate.NO_INFO
         else:
             self.upstream_sessions = sessions
             if sessions < limit:
+                self.counters.usage_polls_room += 1
                 self._gate = _Gate.ONE
             else:
+                self.counters.usage_polls_full += 1
                 self._gate = _Gate.CLOSED
                 if self._queue:
                     delay = self.policy.usage_poll_interval_ms / 1000
@@ -527,6 +550,7 @@ class Limiter:
         limit_s = self.policy.slot_timeout_s
         for permit in [p for p in self._running.values() if now - p.admitted_at > limit_s]:
             held_ms = round((now - permit.admitted_at) * 1000)
+            self.counters.slots_reclaimed += 1
             self._emit(
                 "slot_reclaimed",
                 f"slot held {held_ms} ms reclaimed" + _conversation(permit.conversation_id),

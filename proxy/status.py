@@ -1,0 +1,71 @@
+"""`sluice status`: the `/concurrency/status` of a running proxy as a table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO
+
+import httpx
+
+COLUMNS = ("provider", "limit", "inFlight", "queued", "paused", "cooldownMs", "autoReduced")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SLUICE_URL", "http://127.0.0.1:8080"),
+        help="the proxy's address (default: $SLUICE_URL or http://127.0.0.1:8080)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SLUICE_ADMIN_TOKEN", ""),
+        help="the admin token, if the proxy has one (default: $SLUICE_ADMIN_TOKEN)",
+    )
+
+
+def render(providers: list[dict[str, Any]]) -> str:
+    """A fixed-width table, then one line per provider with a notice."""
+    rows = [COLUMNS]
+    for p in providers:
+        limit = "none" if p["limit"] is None else str(p["limit"])
+        paused = "yes" if p["paused"] else "no"
+        rows.append(
+            (
+                p["providerId"],
+                limit,
+                str(p["inFlight"]),
+                str(p["queued"]),
+                paused,
+                str(p["cooldownMs"]),
+                f"yes (from {p['autoReducedFrom']})" if p["autoReduced"] else "no",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    for p in providers:
+        if p.get("notice"):
+            lines.append(f"{p['providerId']}: {p['notice']}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
+    url = args.url.rstrip("/") + "/concurrency/status"
+    try:
+        response = httpx.get(url, headers=headers, timeout=5)
+    except httpx.HTTPError as exc:
+        print(f"sluice status: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(
+            f"sluice status: {url} answered {response.status_code}: {response.text}",
+            file=sys.stderr,
+        )
+        return 1
+    out.write(render(response.json()["providers"]))
+    return 0
