@@ -184,11 +184,18 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
         target: Any = merged
         for depth, part in enumerate(path):
             last = depth == len(path) - 1
-            value = _parse_env_value(environ[name]) if last else {}
+            if last:
+                value = _parse_env_value(environ[name])
+            else:
+                value = [] if path[depth + 1].isdigit() else {}
             if isinstance(target, list):
-                if not part.isdigit() or int(part) >= len(target):
+                # An index one past the end adds an entry, so a provider can be
+                # given entirely by SLUICE_PROVIDERS__0__ID=... variables.
+                if not part.isdigit() or int(part) > len(target):
                     raise ConfigError(f"config error: {name}: no list entry {part}")
-                if last:
+                if int(part) == len(target):
+                    target.append(value)
+                elif last:
                     target[int(part)] = value
                 target = target[int(part)]
             elif isinstance(target, dict):

@@ -6,16 +6,22 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from proxy import status as status_cli
+from proxy.cli import build_parser
+from proxy.settings import load, resolve_providers
 from proxy.sim import expected_content
 from tests.conftest import ProxyFactory, proxy_config
 from tests.servers import Server, start
@@ -243,3 +249,36 @@ def test_demo_runs_to_completion_with_a_small_load() -> None:
     assert "429s seen by clients          0" in text
     highest = int(text.split("highest upstream concurrency")[1].split()[0])
     assert highest <= demo.HARD_CAP
+
+
+# ------------------------------------------------------------ container files
+# No Docker engine runs here: these check what can be checked without one.
+
+
+def test_compose_sidecar_config_is_a_valid_sluice_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = yaml.safe_load(Path("compose.yaml").read_text())
+    services = compose["services"]
+    assert services["sim"]["profiles"] == ["sim"]
+    assert services["agent"]["environment"]["OPENAI_BASE_URL"] == "http://sluice:8080/v1"
+    assert "sluice-data:/var/lib/sluice" in services["sluice"]["volumes"]
+    for name in [n for n in os.environ if n.startswith("SLUICE_")]:
+        monkeypatch.delenv(name)
+    for name, value in services["sluice"]["environment"].items():
+        # ${VAR:-default} with nothing set in .env: the default applies.
+        monkeypatch.setenv(name, re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)))
+    (provider,) = resolve_providers(load(None))
+    assert provider.base_url == "http://sim:8081/v1"
+    assert provider.limit == 4
+    assert provider.api_key is None
+    sim_args = services["sim"]["command"]
+    parsed = build_parser().parse_args(sim_args)
+    assert (parsed.port, parsed.hard_cap) == (8081, 4)
+
+
+def test_dockerfile_runs_sluice_serve_as_non_root_with_a_healthcheck() -> None:
+    text = Path("Dockerfile").read_text()
+    assert 'ENTRYPOINT ["sluice"]' in text
+    assert 'CMD ["serve"]' in text
+    assert "USER 10001" in text
+    assert "/healthz" in text.split("HEALTHCHECK", 1)[1]
+    assert 'VOLUME ["/var/lib/sluice"]' in text
