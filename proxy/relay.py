@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import httpx
 import structlog
 
 from proxy.admission import Permit, Rejection
@@ -28,7 +27,7 @@ from proxy.errors import (
 from proxy.headers import HOP_BY_HOP, prompt_started_at_ms, retry_after_s
 from proxy.providers import Provider
 from proxy.routing import Route
-from proxy.upstream import upstream_error
+from proxy.transport import UpstreamResponse
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -216,9 +215,9 @@ class Relay:
             try:
                 ex.queue_ms = round(queued_s * 1000)
                 response = await self._open(scope, route, body, ex)
-                if response.status_code == 429 and limiter.limit is not None:
+                if response.status == 429 and limiter.limit is not None:
                     limiter.on_rate_limited(
-                        permit, retry_after_s(dict(response.headers.items()), time.time())
+                        permit, retry_after_s(_str_headers(response.raw_headers), time.time())
                     )
                     if retries_left > 0:
                         retries_left -= 1
@@ -232,7 +231,7 @@ class Relay:
 
     async def _open(
         self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         provider = route.provider
         upstream = provider.upstream
         sent = time.perf_counter()
@@ -248,35 +247,36 @@ class Relay:
         return response
 
     async def _relay(
-        self, send: Send, response: httpx.Response, provider: Provider, ex: Exchange
+        self, send: Send, response: UpstreamResponse, provider: Provider, ex: Exchange
     ) -> None:
         """Stream `response` to the client chunk by chunk as it arrives, then close it."""
         started = time.perf_counter()
         try:
             headers = [
                 (name.lower(), value)
-                for name, value in response.headers.raw
+                for name, value in response.raw_headers
                 if name.lower() not in _DROP_RESPONSE
             ]
             headers.append((b"x-sluice-provider", provider.id_bytes))
             if ex.queue_ms is not None:
                 headers.append((b"x-sluice-queue-ms", str(ex.queue_ms).encode()))
-            ex.status = response.status_code
+            ex.status = response.status
             ex.started = True
             await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            try:
-                async for chunk in response.aiter_raw():
-                    ex.bytes += len(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as exc:
-                raise upstream_error(exc, provider.id) from exc
+            async for chunk in response.chunks():
+                ex.bytes += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if ex.upstream_ms is not None:
                 ex.upstream_ms += round((time.perf_counter() - started) * 1000)
             await response.aclose()
+
+
+def _str_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
 
 
 def _rejection_error(rejection: Rejection, provider_id: str) -> HTTPError:

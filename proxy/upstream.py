@@ -1,68 +1,72 @@
-"""The connection to one provider: a pooled httpx client, the request headers it
-forwards, the `/usage` poll, and the one place httpx errors become sluice errors."""
+"""The connection to one provider: where requests go, which headers they carry, and
+the `/usage` poll. The bytes travel through an injected `Transport`."""
 
 from __future__ import annotations
 
 import json
 import math
-import ssl
 
 import httpx
 
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import UpstreamError
 from proxy.headers import HOP_BY_HOP
 from proxy.settings import ProviderConfig
+from proxy.transport import AiohttpTransport, HttpxTransport, Transport, UpstreamResponse
 
 USAGE_TIMEOUT_S = 2.0
-# httpx's default pool (100 connections, 20 kept alive) would silently queue every
-# stream past the 100th; a proxy holds one upstream connection per open stream.
-POOL_LIMITS = httpx.Limits(
-    max_connections=100_000, max_keepalive_connections=1_000, keepalive_expiry=30
-)
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
 
 
 class Upstream:
-    """One provider's httpx client. `transport` is injectable so tests can mock it."""
+    """One provider. `transport` is injectable: an httpx transport (MockTransport,
+    respx) gives an httpx-backed client for tests; by default aiohttp is used."""
 
     def __init__(
         self,
         config: ProviderConfig,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Transport | None = None,
         ca_bundle: str = "",
     ) -> None:
         self.config = config
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
-        verify: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
-        )
-        self.client = httpx.AsyncClient(
-            transport=transport,
-            verify=verify,
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.read_timeout_s,
-                pool=config.connect_timeout_s,
-            ),
-            limits=POOL_LIMITS,
-            follow_redirects=False,
-            trust_env=False,
-        )
-        base = httpx.URL(config.base_url)
-        self._base = base
-        self._base_path = base.raw_path.rstrip(b"/")
+        self._usage_headers = [(b"authorization", self._auth)] if self._auth else []
+        self._base = config.base_url.rstrip("/")
+        self.transport: Transport
+        if transport is None:
+            self.transport = AiohttpTransport(
+                connect_timeout_s=config.connect_timeout_s,
+                read_timeout_s=config.read_timeout_s,
+                ca_bundle=ca_bundle,
+                provider_id=config.id,
+            )
+        elif isinstance(transport, httpx.AsyncBaseTransport):
+            client = httpx.AsyncClient(
+                transport=transport,
+                timeout=httpx.Timeout(
+                    connect=config.connect_timeout_s,
+                    read=config.read_timeout_s,
+                    write=config.read_timeout_s,
+                    pool=config.connect_timeout_s,
+                ),
+                follow_redirects=False,
+                trust_env=False,
+            )
+            self.transport = HttpxTransport(client, config.id)
+        else:
+            self.transport = transport
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.transport.close()
 
-    def url(self, raw_path: bytes, query: bytes) -> httpx.URL:
+    def url(self, raw_path: bytes, query: bytes) -> str:
         """`{base_url}{raw_path}?{query}`, keeping the client's percent-encoding.
         Scheme, host and port always come from `base_url`: no open proxy."""
-        return self._base.copy_with(
-            raw_path=self._base_path + raw_path + (b"?" + query if query else b"")
-        )
+        path = raw_path.decode("latin-1")
+        if path and not path.startswith("/"):
+            path = "/" + path  # never let a path run into the authority ("@evil.com")
+        url = self._base + path
+        return url + "?" + query.decode("latin-1") if query else url
 
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The client's headers minus hop-by-hop ones (and those its Connection names),
@@ -80,29 +84,29 @@ class Upstream:
         return forwarded
 
     async def send(
-        self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> httpx.Response:
+        self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> UpstreamResponse:
         """Send and return the response with its body not yet read (the caller
-        streams it and must close it)."""
-        request = httpx.Request(method, url, headers=headers, content=body)
-        try:
-            return await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise upstream_error(exc, self.config.id) from exc
+        streams it and must close it). Raises UpstreamError."""
+        return await self.transport.send(method, url, headers, body)
 
     async def poll_usage(self) -> int | None:
         """`usage.concurrent_sessions` from `GET {base_url}/usage`, or None for
         "no information" (any failure, any unexpected answer)."""
-        headers = {"authorization": self._auth.decode()} if self._auth else {}
         try:
-            response = await self.client.get(
-                self.config.base_url + "/usage", headers=headers, timeout=USAGE_TIMEOUT_S
+            response = await self.transport.send(
+                "GET", self._base + "/usage", self._usage_headers, b"", timeout_s=USAGE_TIMEOUT_S
             )
-        except httpx.HTTPError:
+        except UpstreamError:
             return None
-        if response.status_code != 200:
+        try:
+            if response.status != 200:
+                return None
+            return parse_usage(await response.read())
+        except UpstreamError:
             return None
-        return parse_usage(response.content)
+        finally:
+            await response.aclose()
 
 
 def parse_usage(body: bytes) -> int | None:
@@ -117,14 +121,3 @@ def parse_usage(body: bytes) -> int | None:
     if isinstance(count, float) and not math.isfinite(count):
         return None
     return int(count) if count >= 0 else None
-
-
-def upstream_error(exc: httpx.HTTPError, provider_id: str) -> UpstreamError:
-    """Map an httpx failure to 502 (unreachable) or 504 (went silent)."""
-    if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
-        return UpstreamTimeout(
-            f"upstream {provider_id} sent nothing in time ({type(exc).__name__})"
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamUnavailable(f"upstream {provider_id} did not accept a connection in time")
-    return UpstreamUnavailable(f"upstream {provider_id} is unreachable ({type(exc).__name__})")

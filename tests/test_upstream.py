@@ -49,13 +49,16 @@ def provider(base_url: str = BASE, api_key: str | None = KEY) -> ProviderConfig:
 
 @pytest.fixture
 async def make_upstream() -> AsyncIterator[MakeUpstream]:
-    """Build Upstreams (optionally over a MockTransport) and close every one after the test."""
+    """Build httpx-backed Upstreams (over a MockTransport, or a real httpx transport
+    that respx can intercept) and close every one after the test."""
     made: list[Upstream] = []
 
     def make(
         handler: Handler | None = None, *, base_url: str = BASE, api_key: str | None = KEY
     ) -> Upstream:
-        transport = httpx.MockTransport(handler) if handler is not None else None
+        transport: httpx.AsyncBaseTransport = (
+            httpx.MockTransport(handler) if handler is not None else httpx.AsyncHTTPTransport()
+        )
         upstream = Upstream(provider(base_url, api_key), transport=transport)
         made.append(upstream)
         return upstream
@@ -155,29 +158,29 @@ async def test_client_authorization_is_forwarded_without_a_provider_key(
 
 @pytest.mark.parametrize("base_url", [BASE, BASE + "/"])
 async def test_url_keeps_the_base_path(make_upstream: MakeUpstream, base_url: str) -> None:
-    url = make_upstream(base_url=base_url).url(b"/chat/completions", b"")
+    url = httpx.URL(make_upstream(base_url=base_url).url(b"/chat/completions", b""))
     assert str(url) == "http://upstream.test:8000/api/chat/completions"
     assert url.raw_path == b"/api/chat/completions"
 
 
 async def test_url_without_a_base_path(make_upstream: MakeUpstream) -> None:
-    url = make_upstream(base_url="https://upstream.test").url(b"/models", b"")
+    url = httpx.URL(make_upstream(base_url="https://upstream.test").url(b"/models", b""))
     assert str(url) == "https://upstream.test/models"
 
 
 async def test_url_keeps_percent_encoding(make_upstream: MakeUpstream) -> None:
-    url = make_upstream().url(b"/files/a%20b%2Fc%25d", b"")
+    url = httpx.URL(make_upstream().url(b"/files/a%20b%2Fc%25d", b""))
     assert url.raw_path == b"/api/files/a%20b%2Fc%25d"
 
 
 async def test_url_forwards_the_query_as_is(make_upstream: MakeUpstream) -> None:
-    url = make_upstream().url(b"/files", b"purpose=fine-tune&after=a%20b&limit=2")
+    url = httpx.URL(make_upstream().url(b"/files", b"purpose=fine-tune&after=a%20b&limit=2"))
     assert url.raw_path == b"/api/files?purpose=fine-tune&after=a%20b&limit=2"
     assert url.query == b"purpose=fine-tune&after=a%20b&limit=2"
 
 
 async def test_url_without_query_has_no_question_mark(make_upstream: MakeUpstream) -> None:
-    url = make_upstream().url(b"/models", b"")
+    url = httpx.URL(make_upstream().url(b"/models", b""))
     assert b"?" not in url.raw_path
     assert url.query == b""
 
@@ -202,14 +205,7 @@ async def test_url_host_is_always_the_base_url_host(
     make_upstream: MakeUpstream, base_url: str, raw_path: bytes
 ) -> None:
     base = httpx.URL(base_url)
-    try:
-        url = make_upstream(base_url=base_url).url(raw_path, b"")
-    except httpx.InvalidURL:
-        # Refusing is safe too: only a raw path without a leading '/' on a base
-        # without a path gets here, and a Route's raw path always starts with '/'.
-        assert not raw_path.startswith(b"/")
-        assert base.raw_path == b"/"
-        return
+    url = httpx.URL(make_upstream(base_url=base_url).url(raw_path, b""))
     assert (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
     if b"/." not in raw_path:
         assert url.raw_path.startswith(base.raw_path.rstrip(b"/"))
@@ -220,8 +216,8 @@ async def test_url_resolves_literal_dot_segments(make_upstream: MakeUpstream) ->
     # climb out of the base path: the Router must refuse '.' and '..' (it does, see
     # test_routing). Encoded dots are left alone.
     upstream = make_upstream()
-    assert upstream.url(b"/../x", b"").raw_path == b"/x"
-    assert upstream.url(b"/%2e%2e/x", b"").raw_path == b"/api/%2e%2e/x"
+    assert httpx.URL(upstream.url(b"/../x", b"")).raw_path == b"/x"
+    assert httpx.URL(upstream.url(b"/%2e%2e/x", b"")).raw_path == b"/api/%2e%2e/x"
 
 
 PATH_CHARS = st.sampled_from(
@@ -234,7 +230,7 @@ async def test_url_never_leaves_the_base_host(path: str, base_path: str) -> None
     never = httpx.MockTransport(lambda request: httpx.Response(500))
     upstream = Upstream(provider("http://upstream.test:8000" + base_path), transport=never)
     try:
-        url = upstream.url(("/" + path).encode("ascii"), b"")
+        url = httpx.URL(upstream.url(("/" + path).encode("ascii"), b""))
     finally:
         await upstream.close()
     assert (url.scheme, url.host, url.port) == ("http", "upstream.test", 8000)
@@ -257,8 +253,8 @@ async def test_send_forwards_method_url_headers_and_body(make_upstream: MakeUpst
     )
     response = await upstream.send("PUT", url, headers, b'{"a": 1}')
     try:
-        assert response.status_code == 201
-        assert await response.aread() == b"created"
+        assert response.status == 201
+        assert await response.read() == b"created"
     finally:
         await response.aclose()
     (request,) = seen
@@ -282,8 +278,7 @@ async def test_send_returns_before_the_body_is_read(make_upstream: MakeUpstream)
     upstream = make_upstream(handler)
     response = await upstream.send("POST", upstream.url(b"/chat/completions", b""), [], b"")
     try:
-        assert not response.is_stream_consumed
-        assert [chunk async for chunk in response.aiter_raw()] == [b"data: 1\n\n", b"data: 2\n\n"]
+        assert [chunk async for chunk in response.chunks()] == [b"data: 1\n\n", b"data: 2\n\n"]
     finally:
         await response.aclose()
 
