@@ -65,6 +65,15 @@ class Sluice:
             await self.close()
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # A half-started app must not keep the process alive (the store's
+            # worker thread would): close whatever was opened, then fail.
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         store = await Store.open(self.settings.server.database)
         self.control = Control(store)

@@ -9,11 +9,12 @@ import sys
 import threading
 
 import uvicorn
+from pydantic import ValidationError
 
 from proxy import logs
 from proxy.app import Sluice
 from proxy.errors import ConfigError
-from proxy.settings import Settings, config_path, load, resolve_providers
+from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers
 
 
 class _QuietAbort(logging.Filter):
@@ -31,11 +32,7 @@ class _QuietAbort(logging.Filter):
 def run(config: str | None = None, host: str | None = None, port: int | None = None) -> int:
     try:
         settings = load(config_path(config))
-        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        if overrides:
-            settings = settings.model_copy(
-                update={"server": settings.server.model_copy(update=overrides)}
-            )
+        settings = with_address(settings, host, port)
         keys = [p.api_key for p in resolve_providers(settings) if p.api_key]
     except ConfigError as err:
         print(err, file=sys.stderr)
@@ -64,6 +61,19 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
             )
         )
     )
+
+
+def with_address(settings: Settings, host: str | None, port: int | None) -> Settings:
+    """Apply `--host`/`--port`, validated like the config file's values."""
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if not overrides:
+        return settings
+    try:
+        server = ServerSettings.model_validate(settings.server.model_dump() | overrides)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise ConfigError(f"config error: --{error['loc'][0]}: {error['msg']}") from None
+    return settings.model_copy(update={"server": server})
 
 
 def serve(server: uvicorn.Server) -> int:

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "SLUICE_"
+_HOST = re.compile(r"^[A-Za-z0-9._~\-]+$|^\[[0-9A-Fa-f:.]+\]$|^[0-9A-Fa-f:.]+$")
 MAX_LIMIT = 10_000
 MAX_COOLDOWN_MS = 3_600_000
 
@@ -46,8 +48,8 @@ def _not_bool(value: Any) -> Any:
 Number = BeforeValidator(_not_bool)
 Limit = Annotated[int, Number, Field(ge=1, le=MAX_LIMIT)]
 CooldownMs = Annotated[int, Number, Field(ge=0, le=MAX_COOLDOWN_MS)]
-PositiveSeconds = Annotated[float, Number, Field(gt=0)]
-NonNegativeSeconds = Annotated[float, Number, Field(ge=0)]
+PositiveSeconds = Annotated[float, Number, Field(gt=0, allow_inf_nan=False)]
+NonNegativeSeconds = Annotated[float, Number, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Number, Field(ge=0)]
 PositiveInt = Annotated[int, Number, Field(ge=1)]
 Port = Annotated[int, Number, Field(ge=0, le=65535)]
@@ -70,6 +72,19 @@ class ServerSettings(_Section):
     upstream_read_timeout_s: PositiveSeconds = 600
     ca_bundle: str = ""
 
+    @model_validator(mode="after")
+    def _ca_bundle_exists(self) -> ServerSettings:
+        if self.ca_bundle:
+            if not Path(self.ca_bundle).is_file():
+                raise ValueError(f"ca_bundle: no such file {self.ca_bundle!r}")
+            try:
+                ssl.create_default_context(cafile=self.ca_bundle)
+            except ssl.SSLError:
+                raise ValueError(
+                    f"ca_bundle: {self.ca_bundle!r} holds no PEM certificate"
+                ) from None
+        return self
+
 
 class AdmissionSettings(_Section):
     cooldown_ms: CooldownMs = 350
@@ -84,10 +99,14 @@ class AdmissionSettings(_Section):
 
     @model_validator(mode="after")
     def _paths_are_absolute(self) -> AdmissionSettings:
-        for path in self.admitted_paths:
-            if not path.startswith("/"):
-                raise ValueError(f"admitted_paths: {path!r} must start with '/'")
+        _check_paths(self.admitted_paths)
         return self
+
+
+def _check_paths(paths: tuple[str, ...] | None) -> None:
+    for path in paths or ():
+        if not path.startswith("/"):
+            raise ValueError(f"admitted_paths: {path!r} must start with '/'")
 
 
 class ProviderSettings(_Section):
@@ -113,9 +132,17 @@ class ProviderSettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ProviderSettings:
+        if self.id == "v1":
+            raise ValueError("id: 'v1' would make /v1/v1/... ambiguous; choose another id")
         parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"base_url: {self.base_url!r} has an invalid port") from None
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https") or not _HOST.match(host):
             raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
+        _check_paths(self.admitted_paths)
         if parts.query or parts.fragment:
             raise ValueError("base_url: must not have a query or fragment")
         if self.api_key is not None and self.api_key_env is not None:
@@ -185,7 +212,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
         for depth, part in enumerate(path):
             last = depth == len(path) - 1
             if last:
-                value = _parse_env_value(environ[name])
+                try:
+                    value = _parse_env_value(environ[name])
+                except ValueError as exc:
+                    raise ConfigError(f"config error: {name}: {exc}") from None
             else:
                 value = [] if path[depth + 1].isdigit() else {}
             if isinstance(target, list):
@@ -213,8 +243,8 @@ def _parse_env_value(raw: str) -> Any:
     if raw.strip()[:1] in ("[", "{"):
         try:
             return json.loads(raw)
-        except ValueError:
-            pass
+        except ValueError as exc:
+            raise ValueError(f"invalid JSON: {exc}") from None
     return raw
 
 
@@ -308,6 +338,8 @@ def load(path: Path | None) -> Settings:
             raise ConfigError(f"config error: {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {path}: not UTF-8 text") from None
     try:
         return Settings(**_apply_env(data, os.environ))
     except ValidationError as exc:
@@ -315,7 +347,12 @@ def load(path: Path | None) -> Settings:
 
 
 def _one_line(exc: ValidationError) -> str:
-    """The first validation error as `config error: <key>: <what is wrong>`."""
+    """The first validation error as `config error: <key>: <what is wrong>`, on one
+    line even when a quoted TOML key holds a newline."""
+    return _describe(exc).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _describe(exc: ValidationError) -> str:
     err = exc.errors(include_url=False)[0]
     key = ""
     for part in err["loc"]:
