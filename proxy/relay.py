@@ -252,11 +252,14 @@ class Relay:
         """Stream `response` to the client chunk by chunk as it arrives, then close it."""
         started = time.perf_counter()
         try:
-            headers = [
-                (name.lower(), value)
-                for name, value in response.raw_headers
-                if name.lower() not in _DROP_RESPONSE
-            ]
+            headers = []
+            length = -1
+            for name, value in response.raw_headers:
+                name = name.lower()
+                if name not in _DROP_RESPONSE:
+                    headers.append((name, value))
+                    if name == b"content-length" and value.isdigit():
+                        length = int(value)
             headers.append((b"x-sluice-provider", provider.id_bytes))
             if ex.queue_ms is not None:
                 headers.append((b"x-sluice-queue-ms", str(ex.queue_ms).encode()))
@@ -265,10 +268,16 @@ class Relay:
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
+            finished = False
             async for chunk in response.chunks():
                 ex.bytes += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # With a Content-Length the last chunk can end the response itself,
+                # saving a write; the loop still runs on to the upstream's end of
+                # body so its connection goes back to the pool.
+                finished = ex.bytes == length
+                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
+            if not finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if ex.upstream_ms is not None:
                 ex.upstream_ms += round((time.perf_counter() - started) * 1000)
