@@ -315,6 +315,7 @@ class Limiter:
         raising (or removing) wakes as many waiters as now fit."""
         self.policy.limit = limit
         self._limit_epoch += 1
+        self._arm_watchdog(self._clock())
         self._pump()
 
     # -------------------------------------------------------------------- 429
@@ -394,9 +395,14 @@ class Limiter:
         permit = Permit(self, prompt_started_at, seq, conversation_id, now, self._limit_epoch)
         self._running[seq] = permit
         self.counters.admitted += 1
-        if self.policy.limit is not None and "watchdog" not in self._timers:
-            self._arm("watchdog", now + self.policy.watchdog_interval_s, self._watchdog)
+        self._arm_watchdog(now)
         return permit
+
+    def _arm_watchdog(self, now: float) -> None:
+        """Slots are watched while a limit is set and any is held, including slots
+        admitted before the limit was set."""
+        if self.policy.limit is not None and self._running and "watchdog" not in self._timers:
+            self._arm("watchdog", now + self.policy.watchdog_interval_s, self._watchdog)
 
     def _release(self, permit: Permit) -> None:
         """Called once per permit, by `Permit.release`."""
