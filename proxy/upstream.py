@@ -114,7 +114,7 @@ def parse_usage(body: bytes) -> int | None:
     try:
         data = json.loads(body)
         count = data["usage"]["concurrent_sessions"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None
     if isinstance(count, bool) or not isinstance(count, int | float):
         return None
