@@ -24,7 +24,7 @@ from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
 
 if TYPE_CHECKING:
     from proxy.app import Sluice
-    from proxy.providers import Provider
+    from proxy.providers import ClusterView, Provider
 
 PUBLIC_PATHS = frozenset({"/healthz"})
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -39,8 +39,11 @@ class AdminError(Exception):
         self.message = message
 
 
-def status_json(status: LimiterStatus) -> dict[str, Any]:
-    """A `Status` object of SPEC section 6 (camelCase; optional keys only when they apply)."""
+def status_json(status: LimiterStatus, cluster: ClusterView | None = None) -> dict[str, Any]:
+    """A `Status` object of SPEC section 6 (camelCase; optional keys only when they apply).
+
+    In cluster mode the figures are cluster-wide, plus `cluster` (this replica's mode)
+    and `instances` (the per-replica breakdown)."""
     body: dict[str, Any] = {
         "providerId": status.provider_id,
         "limit": status.limit,
@@ -60,6 +63,19 @@ def status_json(status: LimiterStatus) -> dict[str, Any]:
     body["cooling"] = status.cooling
     body["usageGate"] = status.usage_gate
     body["upstreamSessions"] = status.upstream_sessions
+    if cluster is not None:
+        mode: dict[str, Any] = {
+            "mode": cluster.mode,
+            "instanceId": cluster.instance_id,
+            "replicas": cluster.replicas,
+        }
+        if cluster.mode == "fallback":
+            mode["localLimit"] = cluster.local_limit
+        body["cluster"] = mode
+        body["instances"] = [
+            {"instanceId": i.instance_id, "inFlight": i.in_flight, "queued": i.queued}
+            for i in cluster.instances
+        ]
     return body
 
 
@@ -83,7 +99,7 @@ async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise AdminError(400, "body must be valid JSON") from None
 
 
@@ -107,27 +123,30 @@ def routes(app: Sluice) -> list[BaseRoute]:
     async def metrics(request: Request) -> Response:
         return Response(app.metrics.render(), media_type=CONTENT_TYPE)
 
+    async def status_of(p: Provider) -> dict[str, Any]:
+        # Read fresh (from Redis in cluster mode), then the view that read refreshed.
+        status = await p.admission.status()
+        return status_json(status, p.admission.cluster())
+
     async def all_status(request: Request) -> Response:
-        return JSONResponse(
-            {"providers": [status_json(p.limiter.status()) for p in app.providers.values()]}
-        )
+        return JSONResponse({"providers": [await status_of(p) for p in app.providers.values()]})
 
     async def one_status(request: Request) -> Response:
-        return JSONResponse(status_json(provider(request).limiter.status()))
+        return JSONResponse(await status_of(provider(request)))
 
     async def all_limits(request: Request) -> Response:
+        statuses = [await p.admission.status() for p in app.providers.values()]
         limits = [
-            {"providerId": p.id, "limit": p.limiter.limit}
-            for p in app.providers.values()
-            if p.limiter.limit is not None
+            {"providerId": s.provider_id, "limit": s.limit} for s in statuses if s.limit is not None
         ]
         return JSONResponse({"limits": limits})
 
     async def get_limit(request: Request) -> Response:
         p = provider(request)
-        if p.limiter.limit is None:
+        limit = (await p.admission.status()).limit
+        if limit is None:
             raise AdminError(404, f"provider {p.id!r} has no limit")
-        return JSONResponse({"providerId": p.id, "limit": p.limiter.limit})
+        return JSONResponse({"providerId": p.id, "limit": limit})
 
     async def put_limit(request: Request) -> Response:
         p = provider(request)
@@ -142,7 +161,8 @@ def routes(app: Sluice) -> list[BaseRoute]:
 
     async def get_cooldown(request: Request) -> Response:
         p = provider(request)
-        return JSONResponse({"providerId": p.id, "cooldownMs": p.limiter.policy.cooldown_ms})
+        cooldown_ms = (await p.admission.status()).cooldown_ms
+        return JSONResponse({"providerId": p.id, "cooldownMs": cooldown_ms})
 
     async def put_cooldown(request: Request) -> Response:
         p = provider(request)
@@ -155,7 +175,7 @@ def routes(app: Sluice) -> list[BaseRoute]:
         if provider_id is not None and app.provider(provider_id) is None:
             raise AdminError(404, f"unknown provider {provider_id!r}")
         raw_limit = request.query_params.get("limit", "100")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 1000:
             raise AdminError(400, "limit must be an integer from 1 to 1000")
         found = await control().store.events(provider_id, int(raw_limit))
         return JSONResponse(

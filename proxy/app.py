@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -19,12 +19,16 @@ from starlette.applications import Starlette
 from proxy import admin
 from proxy.control import Control
 from proxy.errors import HTTPError
+from proxy.logs import Redactor
 from proxy.metrics import Metrics
 from proxy.providers import Provider
 from proxy.relay import Receive, Relay, Scope, Send, send_error
 from proxy.routing import Router
 from proxy.settings import ProviderConfig, Settings, resolve_providers
 from proxy.store import Store
+
+if TYPE_CHECKING:
+    from proxy.cluster.hub import ClusterHub
 
 log = structlog.get_logger("sluice")
 
@@ -42,7 +46,8 @@ class Sluice:
         self.router: Router[Provider] = Router({}, None)
         self.relay = Relay(settings.server.max_body_bytes)
         self.control: Control | None = None
-        self.metrics = Metrics(lambda: [p.limiter for p in self.providers.values()])
+        self.cluster: ClusterHub | None = None  # cluster mode: the shared Redis
+        self.metrics = Metrics(lambda: [p.admission for p in self.providers.values()])
         self.web = Starlette(routes=admin.routes(self), lifespan=self._lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,7 +82,13 @@ class Sluice:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         store = await Store.open(self.settings.server.database)
-        self.control = Control(store)
+        secrets = [c.api_key for c in self.configs if c.api_key]
+        secrets.append(self.settings.server.admin_token.get_secret_value())
+        self.control = Control(store, redact=Redactor(secrets).text)
+        if self.settings.cluster.redis_url:
+            from proxy.cluster.hub import ClusterHub
+
+            self.cluster = ClusterHub(self.settings.cluster)
         for config in self.configs:
             provider = Provider(
                 config,
@@ -85,6 +96,7 @@ class Sluice:
                 transport=self.transport,
                 ca_bundle=self.settings.server.ca_bundle,
                 on_event=self.control.on_limiter_event,
+                cluster=self.cluster,
             )
             provider.observe_queue_wait = self.metrics.queue_wait.labels(config.id).observe
             provider.observe_ttfb = self.metrics.upstream_ttfb.labels(config.id).observe
@@ -92,6 +104,8 @@ class Sluice:
         default = next((c.id for c in self.configs if c.default), None)
         self.router = Router(self.providers, default)
         sources = await self.control.restore(self.providers.values())
+        if self.cluster is not None:
+            await self.cluster.start()
         log.info("sluice started", providers=sources)
         # Everything built so far lives as long as the process: keep it out of the
         # garbage collector's generations so collections stay short under load.
@@ -100,6 +114,8 @@ class Sluice:
     async def close(self) -> None:
         for provider in self.providers.values():
             await provider.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.control is not None:
             await self.control.close()
 

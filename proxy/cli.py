@@ -17,6 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML file (default: $SLUICE_CONFIG, then ./sluice.toml)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1; more than 1 needs cluster.redis_url)",
+    )
 
     proxy.sim.add_arguments(commands.add_parser("sim", help="run the simulated upstream"))
     commands.add_parser("demo", help="sim + proxy + a burst of agents; prints what happens")
@@ -33,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         import proxy.server
 
-        return proxy.server.run(config=args.config, host=args.host, port=args.port)
+        return proxy.server.run(
+            config=args.config, host=args.host, port=args.port, workers=args.workers
+        )
     if args.command == "status":
         import proxy.status
 

@@ -4,6 +4,9 @@ Admin writes are made durable first and applied in memory only after the commit,
 so a failed write leaves the running state as it was. Changes the limiter makes on
 its own (a 429 reduction) are applied in memory at once and persisted by a
 background writer in order, so the request path never waits for the disk.
+
+In cluster mode (`Admission.shared`) the durable settings live in Redis: an admin
+write is the Redis write, and this replica's store only journals the events.
 """
 
 from __future__ import annotations
@@ -25,44 +28,43 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+Job = Callable[[], Awaitable[None]]
+
+
 class Control:
-    def __init__(self, store: Store) -> None:
+    """Owns the order of every write: one writer task runs them in the order they were
+    asked for, admin writes and the limiter's own alike, so an older reduction can
+    never land after (and over) a newer manual limit."""
+
+    def __init__(self, store: Store, redact: Callable[[str], str] = str) -> None:
         self.store = store
-        self._jobs: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue()
+        self._redact = redact
+        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[None] | None] | None] = asyncio.Queue()
         self._writer = asyncio.get_running_loop().create_task(self._write_jobs())
 
     async def restore(self, providers: Iterable[Provider]) -> dict[str, str]:
-        """Apply stored overrides unless the config file changed since they were
-        written (the operator's newer intent wins). Returns, per provider, which
-        source each value came from, for the startup log line."""
+        """Apply the durable settings to each provider (stored overrides unless the
+        config file changed since they were written; in cluster mode, Redis's). Returns,
+        per provider, which source each value came from, for the startup log line.
+
+        A stored value that lost to a changed config value is rebased on it, so that
+        changing the config back later cannot revive the stale stored value."""
         stored = await self.store.load()
-        sources: dict[str, str] = {}
-        for provider in providers:
-            config = provider.config
-            limiter = provider.limiter
-            overrides = stored.get(provider.id)
-            limit_source = cooldown_source = "config"
-            if overrides is not None and overrides.limit is not None:
-                o = overrides.limit
-                if o.config_basis == config.limit:
-                    limit_source = "store"
-                    if o.auto_reduced and o.limit is not None:
-                        limiter.restore_auto_reduced(o.limit, o.auto_reduced_from)
-                    else:
-                        limiter.set_limit(o.limit)
-                else:
-                    limit_source = "config (changed since the stored value)"
-            if overrides is not None and overrides.cooldown is not None:
-                c = overrides.cooldown
-                if c.config_basis == config.cooldown_ms:
-                    cooldown_source = "store"
-                    limiter.set_cooldown_ms(c.cooldown_ms)
-                else:
-                    cooldown_source = "config (changed since the stored value)"
-            sources[provider.id] = (
-                f"limit={limiter.limit} ({limit_source}), "
-                f"cooldown_ms={limiter.policy.cooldown_ms} ({cooldown_source})"
-            )
+        sources = {}
+        for p in providers:
+            overrides = stored.get(p.id)
+            sources[p.id] = await p.admission.restore(overrides)
+            if overrides is None or p.admission.shared:
+                continue
+            config = p.config
+            if overrides.limit is not None and overrides.limit.config_basis != config.limit:
+                rebased = LimitOverride(config.limit, config.limit, False, None, None)
+                await self.store.save_limit(p.id, rebased)
+            cooldown = overrides.cooldown
+            if cooldown is not None and cooldown.config_basis != config.cooldown_ms:
+                await self.store.save_cooldown(
+                    p.id, CooldownOverride(config.cooldown_ms, config.cooldown_ms)
+                )
         return sources
 
     # ------------------------------------------------------------- admin writes
@@ -72,47 +74,89 @@ class Control:
         override = LimitOverride(limit, provider.config.limit, False, None, None)
         kind = "limit_set" if limit is not None else "limit_removed"
         detail = f"limit set to {limit} by the admin API" if limit else "limit removed"
-        await self.store.save_limit(
-            provider.id, override, Event(now_ms(), provider.id, kind, detail)
-        )
-        provider.limiter.set_limit(limit)
+        event = Event(now_ms(), provider.id, kind, detail)
+        if provider.admission.shared:
+            # Cluster mode: the durable value is Redis's; this replica journals the event.
+            await provider.admission.set_limit(limit)
+            self._later(lambda: self.store.add_event(event))
+        else:
+
+            async def write() -> None:
+                await self.store.save_limit(provider.id, override, event)
+                await provider.admission.set_limit(limit)  # applied the moment it is durable
+
+            await self._in_order(write)
         log.info(kind, provider=provider.id, limit=limit)
 
     async def set_cooldown(self, provider: Provider, cooldown_ms: int) -> None:
         override = CooldownOverride(cooldown_ms, provider.config.cooldown_ms)
         event = Event(now_ms(), provider.id, "cooldown_set", f"cooldown set to {cooldown_ms} ms")
-        await self.store.save_cooldown(provider.id, override, event)
-        provider.limiter.set_cooldown_ms(cooldown_ms)
+        if provider.admission.shared:
+            await provider.admission.set_cooldown_ms(cooldown_ms)
+            self._later(lambda: self.store.add_event(event))
+        else:
+
+            async def write() -> None:
+                await self.store.save_cooldown(provider.id, override, event)
+                await provider.admission.set_cooldown_ms(cooldown_ms)
+
+            await self._in_order(write)
         log.info("cooldown_set", provider=provider.id, cooldown_ms=cooldown_ms)
 
     # ------------------------------------------------------- limiter's own changes
 
     def on_limiter_event(self, provider: Provider, event: LimiterEvent) -> None:
         """Journal the event; after a reduction, persist the new limit. Never blocks."""
-        record = Event(now_ms(), provider.id, event.kind, event.detail)
+        # A client chooses its conversation id, which lands in event details: keep
+        # any configured secret it carries out of the journal.
+        record = Event(now_ms(), provider.id, event.kind, self._redact(event.detail))
         if event.kind in ("rate_limited", "limit_reduced", "slot_reclaimed"):
             log.warning(event.kind, provider=provider.id, detail=event.detail)
         else:
             log.info(event.kind, provider=provider.id, detail=event.detail)
-        if event.kind == "limit_reduced":
-            limiter = provider.limiter
-            override = LimitOverride(
-                limiter.limit,
-                provider.config.limit,
-                True,
-                limiter.auto_reduced_from,
-                limiter.notice(),
-            )
-            self._jobs.put_nowait(lambda: self.store.save_limit(provider.id, override, record))
+        if event.kind == "limit_reduced" and not provider.admission.shared:
+            admission = provider.admission
+
+            async def persist() -> None:
+                # The state as it is when this write runs, not when it was queued: a
+                # manual limit applied in between must not be overwritten.
+                override = LimitOverride(
+                    admission.limit,
+                    provider.config.limit,
+                    admission.notice() is not None,
+                    admission.auto_reduced_from,
+                    admission.notice(),
+                )
+                await self.store.save_limit(provider.id, override, record)
+
+            self._later(persist)
         else:
-            self._jobs.put_nowait(lambda: self.store.add_event(record))
+            self._later(lambda: self.store.add_event(record))
+
+    def _later(self, job: Job) -> None:
+        """Queue a write nobody waits for (failures are logged)."""
+        self._jobs.put_nowait((job, None))
+
+    async def _in_order(self, job: Job) -> None:
+        """Run `job` after every write queued before it; return once it is done,
+        raising what it raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait((job, done))
+        await done
 
     async def _write_jobs(self) -> None:
-        while (job := await self._jobs.get()) is not None:
+        while (item := await self._jobs.get()) is not None:
+            job, done = item
             try:
                 await job()
-            except Exception:
-                log.exception("store write failed")
+            except Exception as exc:
+                if done is None:
+                    log.exception("store write failed")
+                elif not done.done():
+                    done.set_exception(exc)
+            else:
+                if done is not None and not done.done():
+                    done.set_result(None)
 
     async def close(self) -> None:
         """Finish pending background writes, then close the store."""

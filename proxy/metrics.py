@@ -2,7 +2,8 @@
 
 Gauges and counters are read from the limiters when Prometheus scrapes (a custom
 collector), so the request path pays only for the two histograms, whose
-per-provider children are bound once at start.
+per-provider children are bound once at start. In cluster mode the gauges are the
+cluster-wide figures last read from Redis, plus `sluice_cluster_fallback`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.admission import Limiter
+from proxy.providers import Admission
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -22,7 +23,7 @@ _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class _LimiterCollector(Collector):
-    def __init__(self, limiters: Callable[[], Iterable[Limiter]]) -> None:
+    def __init__(self, limiters: Callable[[], Iterable[Admission]]) -> None:
         self._limiters = limiters
 
     def collect(self) -> Iterator[Metric]:
@@ -68,9 +69,17 @@ class _LimiterCollector(Collector):
             "Polls of the upstream's /usage by result",
             labels=["provider", "result"],
         )
+        fallback = GaugeMetricFamily(
+            "sluice_cluster_fallback",
+            "1 while this replica cannot reach Redis and admits only its local share",
+            labels=["provider"],
+        )
         for limiter in self._limiters():
             pid = [limiter.provider_id]
-            status = limiter.status()
+            status = limiter.snapshot()
+            cluster = limiter.cluster()
+            if cluster is not None:
+                fallback.add_metric(pid, int(cluster.mode == "fallback"))
             gauges["in_flight"].add_metric(pid, status.in_flight)
             gauges["queued"].add_metric(pid, status.queued)
             if status.limit is not None:
@@ -88,12 +97,14 @@ class _LimiterCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
         yield polls
+        if fallback.samples:  # cluster mode only
+            yield fallback
 
 
 class Metrics:
     """One registry per app (not the global one), so tests can run several apps."""
 
-    def __init__(self, limiters: Callable[[], Iterable[Limiter]]) -> None:
+    def __init__(self, limiters: Callable[[], Iterable[Admission]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_LimiterCollector(limiters))
         self.queue_wait = Histogram(

@@ -1,19 +1,212 @@
-"""A configured provider at run time: its config, upstream client and limiter, wired."""
+"""A configured provider at run time: its config, upstream client and admission, wired.
+
+`Admission` is the one seam between the edge (relay, admin, control, metrics) and a
+provider's admission state: `LocalAdmission` puts the single-process `Limiter` behind
+it; in cluster mode `proxy.cluster.admission.ClusterAdmission` keeps the state in Redis.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import httpx
 
-from proxy.admission import Limiter, LimiterEvent, Policy
+from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus, Policy
+from proxy.admission.aio import admit
+from proxy.admission.limiter import Permit, Rejection
 from proxy.settings import ProviderConfig
+from proxy.store import ProviderOverrides
 from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.cluster.hub import ClusterHub
+
+
+class Slot(Protocol):
+    """A held slot: release it exactly once in a `finally`; releasing again is harmless."""
+
+    def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """One replica's share of the cluster-wide figures."""
+
+    instance_id: str
+    in_flight: int
+    queued: int
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """How this replica takes part in cluster mode, for status and metrics."""
+
+    mode: Literal["redis", "fallback"]
+    instance_id: str
+    replicas: int  # replicas last seen alive (0: never reached Redis)
+    local_limit: int | None  # the share this replica enforces alone, in fallback mode
+    instances: tuple[InstanceLoad, ...]
+
+
+class Admission(Protocol):
+    """A provider's admission as the edge sees it, in one process or in a cluster.
+
+    `shared` says where the durable settings live: False, the SQLite store (the
+    caller persists before applying); True, Redis (`set_limit` is the durable write
+    and the store only journals events)."""
+
+    @property
+    def provider_id(self) -> str: ...
+    @property
+    def shared(self) -> bool: ...
+    @property
+    def limit(self) -> int | None: ...
+    @property
+    def cooldown_ms(self) -> int: ...
+    @property
+    def auto_reduced_from(self) -> int | None: ...
+    @property
+    def counters(self) -> LimiterCounters: ...
+    def notice(self) -> str | None: ...
+    def next_seq(self) -> int: ...
+
+    def admit(
+        self,
+        prompt_started_at: float,
+        *,
+        conversation_id: str | None = None,
+        seq: int | None = None,
+    ) -> Awaitable[Slot | Rejection]:
+        """Wait for a slot (or a rejection). Cancelling the wait leaves the queue, and a
+        slot granted in that same instant is handed back."""
+        ...
+
+    async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
+        """The upstream answered 429 to `slot`'s request: pause, maybe reduce, release."""
+        ...
+
+    async def set_limit(self, limit: int | None) -> None: ...
+    async def set_cooldown_ms(self, cooldown_ms: int) -> None: ...
+
+    async def restore(self, stored: ProviderOverrides | None) -> str:
+        """Apply the durable settings at start; returns where each value came from."""
+        ...
+
+    async def status(self) -> LimiterStatus:
+        """Fresh figures (cluster-wide in cluster mode)."""
+        ...
+
+    def snapshot(self) -> LimiterStatus:
+        """Figures without waiting (for metrics): in cluster mode, the last ones read."""
+        ...
+
+    def cluster(self) -> ClusterView | None:
+        """None in single-process mode."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalAdmission:
+    """Single-process mode: the pure `Limiter` behind `Admission`, nothing more."""
+
+    shared = False
+
+    def __init__(self, config: ProviderConfig, limiter: Limiter) -> None:
+        self.config = config
+        self.limiter = limiter
+
+    @property
+    def provider_id(self) -> str:
+        return self.limiter.provider_id
+
+    @property
+    def limit(self) -> int | None:
+        return self.limiter.limit
+
+    @property
+    def cooldown_ms(self) -> int:
+        return self.limiter.policy.cooldown_ms
+
+    @property
+    def auto_reduced_from(self) -> int | None:
+        return self.limiter.auto_reduced_from
+
+    @property
+    def counters(self) -> LimiterCounters:
+        return self.limiter.counters
+
+    def notice(self) -> str | None:
+        return self.limiter.notice()
+
+    def next_seq(self) -> int:
+        return self.limiter.next_seq()
+
+    def admit(
+        self,
+        prompt_started_at: float,
+        *,
+        conversation_id: str | None = None,
+        seq: int | None = None,
+    ) -> Awaitable[Permit | Rejection]:
+        return admit(self.limiter, prompt_started_at, conversation_id=conversation_id, seq=seq)
+
+    async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
+        assert isinstance(slot, Permit), "a LocalAdmission only hands out Permits"
+        self.limiter.on_rate_limited(slot, retry_after_s)
+
+    async def set_limit(self, limit: int | None) -> None:
+        self.limiter.set_limit(limit)
+
+    async def set_cooldown_ms(self, cooldown_ms: int) -> None:
+        self.limiter.set_cooldown_ms(cooldown_ms)
+
+    async def restore(self, stored: ProviderOverrides | None) -> str:
+        """Apply stored overrides unless the config file changed since they were
+        written (the operator's newer intent wins)."""
+        config = self.config
+        limiter = self.limiter
+        limit_source = cooldown_source = "config"
+        if stored is not None and stored.limit is not None:
+            o = stored.limit
+            if o.config_basis == config.limit:
+                limit_source = "store"
+                if o.auto_reduced and o.limit is not None:
+                    limiter.restore_auto_reduced(o.limit, o.auto_reduced_from)
+                else:
+                    limiter.set_limit(o.limit)
+            else:
+                limit_source = "config (changed since the stored value)"
+        if stored is not None and stored.cooldown is not None:
+            c = stored.cooldown
+            if c.config_basis == config.cooldown_ms:
+                cooldown_source = "store"
+                limiter.set_cooldown_ms(c.cooldown_ms)
+            else:
+                cooldown_source = "config (changed since the stored value)"
+        return (
+            f"limit={limiter.limit} ({limit_source}), "
+            f"cooldown_ms={limiter.policy.cooldown_ms} ({cooldown_source})"
+        )
+
+    async def status(self) -> LimiterStatus:
+        return self.limiter.status()
+
+    def snapshot(self) -> LimiterStatus:
+        return self.limiter.status()
+
+    def cluster(self) -> ClusterView | None:
+        return None
+
+    async def close(self) -> None:
+        self.limiter.close()
 
 
 class Provider:
-    """Owns one upstream client and one limiter; `close()` releases both."""
+    """Owns one upstream client and one admission; `close()` releases both."""
 
     def __init__(
         self,
@@ -23,6 +216,7 @@ class Provider:
         transport: httpx.AsyncBaseTransport | None = None,
         ca_bundle: str = "",
         on_event: Callable[[Provider, LimiterEvent], None] | None = None,
+        cluster: ClusterHub | None = None,
     ) -> None:
         self.config = config
         self.id = config.id
@@ -35,7 +229,19 @@ class Provider:
         self._loop = loop
         self._polls: set[asyncio.Task[None]] = set()
         self._on_event = on_event
-        self.limiter = Limiter(
+        self.admission: Admission
+        if cluster is not None:
+            from proxy.cluster.admission import ClusterAdmission
+
+            self.admission = ClusterAdmission(
+                config,
+                cluster,
+                loop=loop,
+                poll_usage=self.upstream.poll_usage,
+                on_event=self._event,
+            )
+            return
+        limiter = Limiter(
             config.id,
             Policy(
                 limit=config.limit,
@@ -53,6 +259,7 @@ class Provider:
             poll_usage=self._poll_usage,
             on_event=self._event,
         )
+        self.admission = LocalAdmission(config, limiter)
 
     def admits(self, method: str, path: str) -> bool:
         """Whether a request takes a slot: only POST to an admitted path."""
@@ -64,14 +271,20 @@ class Provider:
 
     def _poll_usage(self, done: Callable[[int | None], None]) -> None:
         async def poll() -> None:
-            done(await self.upstream.poll_usage())
+            try:
+                sessions = await self.upstream.poll_usage()
+            except Exception:
+                # Answer even when the poll failed in a way nobody foresaw: a poll
+                # that never answers would block the usage gate for good.
+                sessions = None
+            done(sessions)
 
         task = self._loop.create_task(poll())
         self._polls.add(task)  # keep a reference until it finishes
         task.add_done_callback(self._polls.discard)
 
     async def close(self) -> None:
-        self.limiter.close()
+        await self.admission.close()
         for task in list(self._polls):
             task.cancel()
         await self.upstream.close()

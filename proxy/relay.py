@@ -15,8 +15,7 @@ from typing import Any
 
 import structlog
 
-from proxy.admission import Permit, Rejection
-from proxy.admission.aio import admit
+from proxy.admission import Rejection
 from proxy.errors import (
     BodyTooLarge,
     HTTPError,
@@ -25,7 +24,7 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.headers import HOP_BY_HOP, prompt_started_at_ms, retry_after_s
-from proxy.providers import Provider
+from proxy.providers import Provider, Slot
 from proxy.routing import Route
 from proxy.transport import UpstreamResponse
 
@@ -195,29 +194,29 @@ class Relay:
         self, scope: Scope, send: Send, route: Route[Provider], body: bytes, ex: Exchange
     ) -> None:
         provider = route.provider
-        limiter = provider.limiter
+        admission = provider.admission
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         priority = prompt_started_at_ms(
             _header(headers, b"x-prompt-started-at"), time.time() * 1000
         )
         ex.conversation_id = _header(headers, b"x-conversation-id")
-        seq = limiter.next_seq()
+        seq = admission.next_seq()
         loop = asyncio.get_running_loop()
         queued_s = 0.0
         retries_left = provider.config.retry_on_429
         while True:
             waited_from = loop.time()
-            outcome = await admit(limiter, priority, conversation_id=ex.conversation_id, seq=seq)
+            outcome = await admission.admit(priority, conversation_id=ex.conversation_id, seq=seq)
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):
                 raise _rejection_error(outcome, provider.id)
-            permit: Permit = outcome
+            slot: Slot = outcome
             try:
                 ex.queue_ms = round(queued_s * 1000)
                 response = await self._open(scope, route, body, ex)
-                if response.status == 429 and limiter.limit is not None:
-                    limiter.on_rate_limited(
-                        permit, retry_after_s(_str_headers(response.raw_headers), time.time())
+                if response.status == 429 and admission.limit is not None:
+                    await admission.on_rate_limited(
+                        slot, retry_after_s(_str_headers(response.raw_headers), time.time())
                     )
                     if retries_left > 0:
                         retries_left -= 1
@@ -227,7 +226,7 @@ class Relay:
                 await self._relay(send, response, provider, ex)
                 return
             finally:
-                permit.release()
+                slot.release()
 
     async def _open(
         self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange

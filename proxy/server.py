@@ -1,15 +1,25 @@
-"""`sluice serve`: load the config, configure logging, run uvicorn until a signal."""
+"""`sluice serve`: load the config, configure logging, run uvicorn until a signal.
+
+`--workers N` (N > 1) runs N processes through uvicorn's process manager; each loads
+the same config (its path passed on in `SLUICE_CONFIG`) and builds its app in
+`worker_app`. It needs `cluster.redis_url`: without shared state every worker would
+enforce the whole limit on its own.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import threading
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from proxy import logs
 from proxy.app import Sluice
@@ -29,11 +39,17 @@ class _QuietAbort(logging.Filter):
         return not isinstance(exc, UpstreamCut)
 
 
-def run(config: str | None = None, host: str | None = None, port: int | None = None) -> int:
+def run(
+    config: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int = 1,
+) -> int:
     try:
         settings = load(config_path(config))
         settings = with_address(settings, host, port)
         keys = [p.api_key for p in resolve_providers(settings) if p.api_key]
+        check_cluster(settings, workers)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -44,24 +60,85 @@ def run(config: str | None = None, host: str | None = None, port: int | None = N
         secrets=[*keys, server.admin_token.get_secret_value()],
     )
     logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
+    if workers > 1:
+        return serve_workers(settings, config, workers)
     return serve(
         uvicorn.Server(
             uvicorn.Config(
-                Sluice(settings),
-                host=server.host,
-                port=server.port,
-                loop="uvloop",
-                http="httptools",
-                lifespan="on",
-                access_log=False,
-                server_header=False,
-                proxy_headers=False,  # no X-Forwarded-* rewriting: one less layer per request
-                date_header=False,  # the upstream's Date passes through
-                log_config=None,
-                timeout_graceful_shutdown=math.ceil(server.shutdown_grace_s),
+                Sluice(settings), host=server.host, port=server.port, **_uvicorn_options(server)
             )
         )
     )
+
+
+def _uvicorn_options(server: ServerSettings) -> dict[str, Any]:
+    return {
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "server_header": False,
+        "proxy_headers": False,  # no X-Forwarded-* rewriting: one less layer per request
+        "date_header": False,  # the upstream's Date passes through
+        "log_config": None,
+        "timeout_graceful_shutdown": math.ceil(server.shutdown_grace_s),
+    }
+
+
+def check_cluster(settings: Settings, workers: int) -> None:
+    """`--workers` needs a Redis to share the limit through; the URL must parse."""
+    if workers < 1:
+        raise ConfigError("sluice serve: --workers must be at least 1")
+    url = settings.cluster.redis_url
+    if workers > 1 and not url:
+        raise ConfigError(
+            "sluice serve: --workers N (N > 1) needs cluster.redis_url: without a shared "
+            "Redis every worker would enforce the whole limit on its own"
+        )
+    if url:
+        from proxy.cluster.hub import check_url
+
+        if (problem := check_url(url)) is not None:
+            raise ConfigError(f"config error: cluster.redis_url: {problem}")
+
+
+def serve_workers(settings: Settings, config: str | None, workers: int) -> int:
+    """Run `workers` processes on one listening socket until SIGTERM/SIGINT."""
+    path = config_path(config)
+    if path is not None:
+        os.environ["SLUICE_CONFIG"] = str(path.resolve())
+    server = settings.server
+    uv_config = uvicorn.Config(
+        "proxy.server:worker_app",
+        factory=True,
+        workers=workers,
+        host=server.host,
+        port=server.port,
+        **_uvicorn_options(server),
+    )
+    supervisor = Multiprocess(uv_config, sockets=[uv_config.bind_socket()])
+    supervisor.run()
+    failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    return 3 if failed else 0
+
+
+def worker_app() -> Sluice:
+    """The app of one `--workers` process (uvicorn calls this factory in each)."""
+    settings = load(config_path(None))
+    cluster = settings.cluster
+    if cluster.instance_id:
+        # Workers share the config; their instance ids must still differ.
+        unique = cluster.model_copy(update={"instance_id": f"{cluster.instance_id}:{os.getpid()}"})
+        settings = settings.model_copy(update={"cluster": unique})
+    keys = [p.api_key for p in resolve_providers(settings) if p.api_key]
+    server = settings.server
+    logs.configure(
+        server.log_format,
+        server.log_level,
+        secrets=[*keys, server.admin_token.get_secret_value()],
+    )
+    logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
+    return Sluice(settings)
 
 
 def with_address(settings: Settings, host: str | None, port: int | None) -> Settings:
@@ -91,4 +168,4 @@ def serve(server: uvicorn.Server) -> int:
     return 0 if server.started else 3
 
 
-__all__ = ["Settings", "run", "serve"]
+__all__ = ["Settings", "run", "serve", "serve_workers", "worker_app"]

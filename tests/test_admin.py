@@ -344,13 +344,6 @@ def test_events_bad_limit_is_400(admin: httpx.Client, limit: str) -> None:
     assert "limit" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: admin.events checks limit with str.isdigit(), which accepts '²' that int() "
-        "refuses: the ValueError escapes and the answer is a 500 with a traceback, not a 400"
-    ),
-)
 def test_events_limit_of_a_digit_int_refuses_is_400(admin: httpx.Client) -> None:
     response = admin.get("/concurrency/events", params={"limit": "²"})
     assert "limit" in error_of(response, 400)

@@ -263,11 +263,6 @@ def test_admin_bodies_are_200_or_400_never_500(http: httpx.Client, body: bytes, 
     assert 1 <= limit <= 10_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a deeply nested JSON admin body is a 500 (RecursionError escapes "
-    "_json_body, which only catches ValueError)",
-)
 def test_deeply_nested_admin_body_is_a_400(http: httpx.Client) -> None:
     response = http.put("/concurrency/limits/adm", content=b"[" * 100_000, headers=admin())
     assert response.status_code == 400

@@ -316,11 +316,6 @@ def test_no_secret_in_logs_answers_or_the_database(secured: Server, sim_reset: S
         assert encoded not in stored_after_stop, f"{secret} is in the database"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a configured secret inside X-Conversation-Id is redacted in the log but "
-    "stored verbatim in the rate_limited event (SQLite) and returned by /concurrency/events",
-)
 def test_a_secret_inside_a_conversation_id_is_redacted_everywhere(secured: Server) -> None:
     admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
     careless = f"conv-{INLINE_KEY}-{ADMIN_TOKEN}"

@@ -1,0 +1,325 @@
+"""`ClusterAdmission` in one process: several replicas (each its own hub, client and
+instance id) on one real redis-server, driven through the `Admission` interface the
+relay uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from proxy.admission import LimiterEvent, Rejection
+from proxy.cluster.admission import ClusterAdmission, ClusterSlot
+from proxy.cluster.hub import ClusterHub
+from proxy.settings import ClusterSettings, ProviderConfig
+from tests.redis_server import RedisServer, redis_binary, redis_server
+from tests.servers import free_port
+
+BASE = ProviderConfig(
+    id="p",
+    base_url="http://127.0.0.1:9/v1",
+    api_key=None,
+    limit=1,
+    usage_gate=False,
+    default=True,
+    connect_timeout_s=1,
+    read_timeout_s=1,
+    cooldown_ms=0,
+    slot_timeout_s=300,
+    watchdog_interval_s=30,
+    pause_s=1,
+    usage_poll_interval_ms=200,
+    queue_timeout_s=10,
+    max_queue=100,
+    retry_on_429=0,
+    admitted_paths=("/chat/completions",),
+)
+
+
+@dataclasses.dataclass
+class Node:
+    """One replica: its hub, its admission of provider `p`, the events it journaled."""
+
+    hub: ClusterHub
+    admission: ClusterAdmission
+    events: list[LimiterEvent]
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+async def _no_usage() -> int | None:
+    return None
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    url: str,
+    n: int,
+    *,
+    lease_s: float = 3.0,
+    poll_usage: Callable[[], Awaitable[int | None]] = _no_usage,
+    **config: Any,
+) -> AsyncIterator[list[Node]]:
+    provider = dataclasses.replace(BASE, **config)
+    loop = asyncio.get_running_loop()
+    nodes = []
+    for i in range(n):
+        hub = ClusterHub(ClusterSettings(redis_url=url, lease_s=lease_s, instance_id=f"r{i}"))
+        events: list[LimiterEvent] = []
+        admission = ClusterAdmission(
+            provider, hub, loop=loop, poll_usage=poll_usage, on_event=events.append
+        )
+        await admission.restore(None)
+        await hub.start()
+        nodes.append(Node(hub, admission, events))
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.admission.close()
+            await node.hub.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with redis_server() as found:
+        yield found
+
+
+@pytest.fixture
+async def url(server: RedisServer) -> str:
+    client = Redis.from_url(server.url)
+    await client.flushall()
+    await client.aclose()
+    return server.url
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(0.02)
+
+
+async def slot(node: Node, prompt: float, **kwargs: Any) -> ClusterSlot:
+    outcome = await node.admission.admit(prompt, **kwargs)
+    assert isinstance(outcome, ClusterSlot), outcome
+    return outcome
+
+
+async def test_the_fast_path_admits_and_a_release_frees_the_slot(url: str) -> None:
+    async with replicas(url, 2, limit=1) as (a, b):
+        held = await slot(a, 1)
+        status = await b.admission.status()
+        assert (status.limit, status.in_flight, status.queued) == (1, 1, 0)
+        held.release()
+        held.release()  # twice is harmless
+        await eventually(lambda: _in_flight(b, 0))
+        assert a.admission.counters.admitted == 1
+
+
+async def _in_flight(node: Node, n: int) -> bool:
+    return (await node.admission.status()).in_flight == n
+
+
+async def _queued(node: Node, n: int) -> bool:
+    return (await node.admission.status()).queued == n
+
+
+async def test_waiters_of_all_replicas_are_admitted_oldest_prompt_first(url: str) -> None:
+    async with replicas(url, 3, limit=1, cooldown_ms=20) as nodes:
+        holder = await slot(nodes[0], 0)
+        order: list[str] = []
+
+        async def agent(node: Node, prompt: float) -> None:
+            held = await slot(node, prompt)
+            order.append(f"{node.hub.instance_id}@{prompt:g}")
+            await asyncio.sleep(0.01)
+            held.release()
+
+        plan = [(2, 500), (1, 300), (0, 400), (2, 100), (1, 200), (0, 300), (2, 600)]
+        tasks = []
+        for i, prompt in plan:
+            tasks.append(asyncio.create_task(agent(nodes[i], prompt)))
+            await eventually(functools.partial(_queued, nodes[0], len(tasks)))
+        holder.release()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        # Equal prompts (300) go in arrival order: r1 queued before r0.
+        assert order == ["r2@100", "r1@200", "r1@300", "r0@300", "r0@400", "r2@500", "r2@600"]
+
+
+async def test_a_waiter_that_leaves_gives_up_its_place(url: str) -> None:
+    async with replicas(url, 2, limit=1) as (a, b):
+        holder = await slot(a, 0)
+        leaving = asyncio.create_task(b.admission.admit(1))
+        staying = asyncio.create_task(a.admission.admit(2))
+        await eventually(lambda: _queued(a, 2))
+        leaving.cancel()
+        await eventually(lambda: _queued(a, 1))
+        holder.release()
+        assert isinstance(await asyncio.wait_for(staying, 5), ClusterSlot)
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+
+
+async def test_a_queue_timeout_is_a_rejection_and_leaves_the_shared_queue(url: str) -> None:
+    async with replicas(url, 2, limit=1, queue_timeout_s=0.3) as (a, b):
+        await slot(a, 0)
+        outcome = await b.admission.admit(1)
+        assert outcome == Rejection("queue_timeout", 1)
+        await eventually(lambda: _queued(a, 0))
+
+
+async def test_a_limit_set_on_one_replica_applies_on_every_replica_at_once(url: str) -> None:
+    async with replicas(url, 2, limit=1) as (a, b):
+        await slot(a, 0)
+        waiting = asyncio.create_task(b.admission.admit(1))
+        await eventually(lambda: _queued(a, 1))
+        await a.admission.set_limit(2)
+        # b's waiter is admitted by b, woken by the change; b's view follows at once.
+        assert isinstance(await asyncio.wait_for(waiting, 2), ClusterSlot)
+        assert b.admission.limit == 2
+        await b.admission.set_cooldown_ms(75)
+        await eventually(lambda: _async(a.admission.cooldown_ms == 75))
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_429s_seen_by_two_replicas_at_once_reduce_the_limit_once(url: str) -> None:
+    async with replicas(url, 2, limit=4) as (a, b):
+        first, second = await slot(a, 1), await slot(b, 2)
+        await asyncio.gather(
+            a.admission.on_rate_limited(first, 0.2), b.admission.on_rate_limited(second, 0.2)
+        )
+        status = await a.admission.status()
+        assert (status.limit, status.auto_reduced, status.auto_reduced_from) == (3, True, 4)
+        reductions = a.kinds().count("limit_reduced") + b.kinds().count("limit_reduced")
+        assert reductions == 1
+        assert a.kinds().count("rate_limited") == b.kinds().count("rate_limited") == 1
+        assert status.notice is not None
+        assert "auto-reduced to 3" in status.notice
+        # The released slots are free again (cooldown 0) once the pause ends.
+        await eventually(lambda: _in_flight(a, 0))
+        assert isinstance(await asyncio.wait_for(a.admission.admit(3), 2), ClusterSlot)
+
+
+async def test_the_usage_gate_polls_once_per_interval_for_the_whole_cluster(url: str) -> None:
+    polls: list[float] = []
+    sessions = {"now": 5}
+
+    async def poll() -> int | None:
+        polls.append(time.monotonic())
+        return sessions["now"]
+
+    async with replicas(
+        url, 3, limit=3, usage_gate=True, usage_poll_interval_ms=200, poll_usage=poll
+    ) as nodes:
+        holders = [await slot(node, 0) for node in nodes]
+        waiters = [asyncio.create_task(n.admission.admit(10 + i)) for i, n in enumerate(nodes)]
+        await eventually(lambda: _queued(nodes[0], 3))
+        for held in holders:
+            held.release()
+        # The upstream reports it full: one poll per interval for all three replicas.
+        await asyncio.sleep(1.0)
+        assert 3 <= len(polls) <= 7, polls
+        assert all(not w.done() for w in waiters)
+        # Room for one: each successful poll admits one waiter, cluster-wide.
+        sessions["now"] = 1
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert all(isinstance(o, ClusterSlot) for o in outcomes)
+        room = sum(n.admission.counters.usage_polls_room for n in nodes)
+        assert room == 3  # one waiter per successful poll
+        assert (await nodes[2].admission.status()).upstream_sessions == 1
+
+
+async def test_redis_down_means_a_local_share_then_a_rejoin(tmp_path: Any) -> None:
+    with redis_server() as redis:
+        async with replicas(redis.url, 2, limit=4, lease_s=1.5) as (a, b):
+            await a.admission.renew()  # a sees b too: 2 replicas
+            held = await slot(a, 0)
+            redis.stop()
+            # Share: ceil(4 / 2) = 2. The slot held from before counts against it.
+            local = await slot(a, 1)
+            third = asyncio.create_task(a.admission.admit(2))
+            await asyncio.sleep(0.1)
+            assert not third.done()
+            status = await a.admission.status()
+            view = a.admission.cluster()
+            assert view is not None
+            assert (view.mode, view.local_limit) == ("fallback", 2)
+            assert (status.limit, status.in_flight, status.queued) == (4, 2, 1)
+            with pytest.raises(Exception, match="unreachable"):
+                await a.admission.set_limit(1)
+            held.release()
+            assert isinstance(await asyncio.wait_for(third, 2), ClusterSlot)
+            # Redis comes back empty: the replicas seed it again and count what they hold.
+            redis.start()
+            await eventually(lambda: _async(a.hub.up and b.hub.up), within=5)
+            status = await b.admission.status()
+            assert (status.limit, status.in_flight) == (4, 2)
+            view = b.admission.cluster()
+            assert view is not None
+            assert view.mode == "redis"
+            # Queued locally during the outage, back in the shared line after it.
+            more = [asyncio.create_task(a.admission.admit(5 + i)) for i in range(3)]
+            await eventually(lambda: _in_flight(b, 4))
+            assert sum(t.done() for t in more) == 2
+            local.release()
+            await eventually(lambda: _async(all(t.done() for t in more)))
+
+
+async def test_a_replica_started_without_redis_admits_one_at_a_time_until_it_joins(
+    tmp_path: Any,
+) -> None:
+    redis = RedisServer(redis_binary(), free_port(), tmp_path)  # not running yet
+    async with replicas(redis.url, 1, limit=4) as (a,):
+        view = a.admission.cluster()
+        assert view is not None
+        # Never having seen the cluster, it cannot know its share: it assumes the worst.
+        assert (view.mode, view.local_limit) == ("fallback", 1)
+        first = await slot(a, 1)
+        second = asyncio.create_task(a.admission.admit(2))
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        redis.start()
+        try:
+            await eventually(lambda: _async(a.hub.up))
+            # Joined: the config's limit applies, the held slot counts as a lease.
+            assert isinstance(await asyncio.wait_for(second, 2), ClusterSlot)
+            status = await a.admission.status()
+            assert (status.limit, status.in_flight) == (4, 2)
+            first.release()
+            await eventually(lambda: _in_flight(a, 1))
+        finally:
+            redis.stop()
+
+
+async def test_a_flushed_redis_is_seeded_again_from_a_replicas_view(url: str) -> None:
+    async with replicas(url, 2, limit=3) as (a, b):
+        await a.admission.set_limit(2)
+        await eventually(lambda: _async(b.admission.limit == 2))  # b's view, by pub/sub
+        held = await slot(a, 1)
+        client = Redis.from_url(url)
+        await client.flushall()
+        await client.aclose()
+        # The next script finds no state: the replica seeds it and carries on.
+        other = await slot(b, 2)
+        status = await a.admission.status()
+        assert (status.limit, status.in_flight) == (2, 1)
+        assert isinstance(other, ClusterSlot)
+        await a.admission.renew()  # the held slot is registered again
+        assert (await b.admission.status()).in_flight == 2
+        held.release()
+        other.release()
+        await eventually(lambda: _in_flight(a, 0))
