@@ -24,7 +24,7 @@ from proxy.metrics import Metrics
 from proxy.providers import Provider
 from proxy.relay import Receive, Relay, Scope, Send, send_error
 from proxy.routing import Router
-from proxy.settings import ProviderConfig, Settings, resolve_providers
+from proxy.settings import ProviderConfig, Settings, resolve_providers, secrets
 from proxy.store import Store
 
 if TYPE_CHECKING:
@@ -82,9 +82,7 @@ class Sluice:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         store = await Store.open(self.settings.server.database)
-        secrets = [c.api_key for c in self.configs if c.api_key]
-        secrets.append(self.settings.server.admin_token.get_secret_value())
-        self.control = Control(store, redact=Redactor(secrets).text)
+        self.control = Control(store, redact=Redactor(secrets(self.settings)).text)
         if self.settings.cluster.redis_url:
             from proxy.cluster.hub import ClusterHub
 

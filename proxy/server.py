@@ -24,7 +24,7 @@ from uvicorn.supervisors import Multiprocess
 from proxy import logs
 from proxy.app import Sluice
 from proxy.errors import ConfigError
-from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers
+from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
 
 
 class _QuietAbort(logging.Filter):
@@ -48,18 +48,13 @@ def run(
     try:
         settings = load(config_path(config))
         settings = with_address(settings, host, port)
-        keys = [p.api_key for p in resolve_providers(settings) if p.api_key]
+        resolve_providers(settings)  # reads the keys: a missing one is a config error
         check_cluster(settings, workers)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     server = settings.server
-    logs.configure(
-        server.log_format,
-        server.log_level,
-        secrets=[*keys, server.admin_token.get_secret_value()],
-    )
-    logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
+    _configure_logging(settings)
     if workers > 1:
         return serve_workers(settings, config, workers)
     return serve(
@@ -130,15 +125,13 @@ def worker_app() -> Sluice:
         # Workers share the config; their instance ids must still differ.
         unique = cluster.model_copy(update={"instance_id": f"{cluster.instance_id}:{os.getpid()}"})
         settings = settings.model_copy(update={"cluster": unique})
-    keys = [p.api_key for p in resolve_providers(settings) if p.api_key]
-    server = settings.server
-    logs.configure(
-        server.log_format,
-        server.log_level,
-        secrets=[*keys, server.admin_token.get_secret_value()],
-    )
-    logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
+    _configure_logging(settings)
     return Sluice(settings)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logs.configure(settings.server.log_format, settings.server.log_level, secrets(settings))
+    logging.getLogger("uvicorn.error").addFilter(_QuietAbort())
 
 
 def with_address(settings: Settings, host: str | None, port: int | None) -> Settings:

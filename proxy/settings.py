@@ -317,6 +317,14 @@ def resolve_providers(settings: Settings) -> list[ProviderConfig]:
     return resolved
 
 
+def secrets(settings: Settings) -> list[str]:
+    """Every secret the configuration holds (provider keys, the admin token), for the
+    redactor of logs and the events journal."""
+    found = [p.api_key for p in resolve_providers(settings) if p.api_key]
+    token = settings.server.admin_token.get_secret_value()
+    return [*found, token] if token else found
+
+
 def config_path(explicit: str | None) -> Path | None:
     """`--config`, else `$SLUICE_CONFIG`, else `./sluice.toml` if present, else none."""
     if explicit:
