@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,6 +13,7 @@ import pytest
 from proxy.sim import expected_content
 from tests.conftest import ProxyFactory
 from tests.servers import Server
+from tests.waiting import eventually
 
 
 def providers(sim: Server, limit: int, extra: str = "") -> str:
@@ -29,20 +28,6 @@ def providers(sim: Server, limit: int, extra: str = "") -> str:
 
 def chat(stream: bool = True) -> dict[str, Any]:
     return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-
-
-async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
-    """Poll `check` (sync or async) until it returns truthy, or fail after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
 
 
 async def status(client: httpx.AsyncClient, proxy: Server) -> dict[str, Any]:

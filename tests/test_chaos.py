@@ -34,7 +34,7 @@ import pytest
 from proxy.sim import MALFORMED_JSON, MALFORMED_SSE, expected_content
 from tests.conftest import ProxyFactory
 from tests.servers import Server, free_port, running
-from tests.test_admission_e2e import eventually
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 

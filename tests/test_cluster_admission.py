@@ -21,6 +21,7 @@ from proxy.cluster.hub import ClusterHub
 from proxy.settings import ClusterSettings, ProviderConfig
 from tests.redis_server import RedisServer, redis_binary, redis_server
 from tests.servers import free_port
+from tests.waiting import eventually
 
 BASE = ProviderConfig(
     id="p",
@@ -100,14 +101,6 @@ async def url(server: RedisServer) -> str:
     await client.flushall()
     await client.aclose()
     return server.url
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
 
 
 async def slot(node: Node, prompt: float, **kwargs: Any) -> ClusterSlot:

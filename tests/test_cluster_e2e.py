@@ -20,7 +20,7 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from aiohttp import web
 
 from tests.redis_server import RedisServer, redis_server
 from tests.servers import Server, free_port, start
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -183,14 +184,6 @@ async def cluster(
 async def status(client: httpx.AsyncClient, replica: Server) -> dict[str, Any]:
     answer: dict[str, Any] = (await client.get(replica.url + "/concurrency/status/up")).json()
     return answer
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
 
 
 async def stream(

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ from proxy.settings import load, resolve_providers
 from proxy.sim import expected_content
 from tests.conftest import ProxyFactory, proxy_config
 from tests.servers import Server, start
+from tests.waiting import wait_until
 
 PROVIDER_KEY = "sk-provider-key-4c9e1d"
 CLIENT_KEY = "sk-client-key-77aa02"
@@ -52,14 +52,6 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics")
-
-
-def wait_until(check: object, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 @pytest.fixture

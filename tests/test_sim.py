@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 
 from proxy.sim import LaggedCount, Message, SimApp, SimConfig, expected_content
 from tests.servers import Server, free_port, running
+from tests.waiting import wait_until as wait_for
 
 BASELINE = {
     "hardCap": None,
@@ -28,15 +28,6 @@ BASELINE = {
 CHAT = {"model": "sim-1", "messages": [{"role": "user", "content": "say four words"}]}
 STREAM = {**CHAT, "stream": True}
 SLOW = {"X-Sim-Tokens": "10000", "X-Sim-Token-Delay-Ms": "10"}  # outlives any test
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.01)
 
 
 def sse_events(lines: Iterator[str]) -> list[str]:

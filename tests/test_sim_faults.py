@@ -32,6 +32,7 @@ from proxy.sim import (
 )
 from proxy.upstream import parse_usage
 from tests.servers import Server, free_port, running
+from tests.waiting import wait_until as wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,14 +51,6 @@ BASELINE: dict[str, Any] = {
 }
 CHAT: dict[str, Any] = {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}]}
 STREAM: dict[str, Any] = {**CHAT, "stream": True}
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
