@@ -26,7 +26,6 @@ import contextlib
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/soak.py`
     sys.path.insert(0, str(ROOT))
 
+from bench.targets import free_port  # noqa: E402
 from proxy.sim import MALFORMED_JSON, MALFORMED_SSE, expected_content  # noqa: E402
 
 FAULT_RATES = "reset=0.03,cut=0.04,stall=0.02,500=0.02,502=0.02,503=0.02,429=0.01,malformed=0.03"
@@ -114,13 +114,6 @@ class Sample:
 
 
 # --- processes ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -32,6 +32,8 @@ class Upstream:
         self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._usage_headers = [(b"authorization", self._auth)] if self._auth else []
         self._base = config.base_url.rstrip("/")
+        # Computed once: the provider's key replaces the client's Authorization.
+        self._drop = _DROP_REQUEST | {b"authorization"} if self._auth else _DROP_REQUEST
         self.transport: Transport
         if transport is None:
             self.transport = AiohttpTransport(
@@ -71,13 +73,11 @@ class Upstream:
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The client's headers minus hop-by-hop ones (and those its Connection names),
         with Authorization replaced when the provider has a key."""
-        drop = _DROP_REQUEST
+        drop = self._drop
         for name, value in headers:
             if name == b"connection":
                 listed = {token.strip().lower() for token in value.split(b",")}
                 drop = drop | listed
-        if self._auth is not None:
-            drop = drop | {b"authorization"}
         forwarded = [(name, value) for name, value in headers if name not in drop]
         if self._auth is not None:
             forwarded.append((b"authorization", self._auth))
