@@ -51,7 +51,13 @@ class ClientGone(Exception):
 class DisconnectWatch:
     """Cancels the request's task when the client disconnects, so a queued waiter
     leaves the queue and an upstream request is closed at once, even while the
-    upstream is silent (a long time to first token)."""
+    upstream is silent (a long time to first token).
+
+    Start it once the body has been read: the next message can then only be the
+    disconnect. It waits in a bare `receive()` task with a callback, not a loop of
+    its own, because one is open per stream."""
+
+    __slots__ = ("_finished", "_receive", "_task", "_watcher", "gone")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
@@ -59,16 +65,22 @@ class DisconnectWatch:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        self._receive = receive
+        self._watcher = self._listen()
 
-    async def _watch(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not self._finished:
-                    self.gone = True
-                    self._task.cancel()
-                return
+    def _listen(self) -> asyncio.Future[Message]:
+        watcher = asyncio.ensure_future(self._receive())
+        watcher.add_done_callback(self._on_message)
+        return watcher
+
+    def _on_message(self, watcher: asyncio.Future[Message]) -> None:
+        if self._finished or watcher.cancelled() or watcher.exception() is not None:
+            return
+        if watcher.result()["type"] != "http.disconnect":
+            self._watcher = self._listen()  # not the disconnect yet: keep listening
+            return
+        self.gone = True
+        self._task.cancel()
 
     def close(self) -> None:
         self._finished = True
@@ -134,7 +146,10 @@ class Exchange:
 
 
 class Relay:
-    """Forwards one proxied request; `app.py` routes here."""
+    """Forwards one proxied request; `app.py` routes here.
+
+    Few coroutine frames on purpose: each one stays alive for as long as its stream
+    is open, so the stream's memory grows with every level of nesting."""
 
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
@@ -143,35 +158,21 @@ class Relay:
         self, scope: Scope, receive: Receive, send: Send, route: Route[Provider]
     ) -> None:
         provider = route.provider
-        exchange = Exchange(provider.id, scope["method"], scope["path"])
+        ex = Exchange(provider.id, scope["method"], scope["path"])
+        watch: DisconnectWatch | None = None
+        slot: Slot | None = None
         try:
-            await self._exchange(scope, receive, send, route, exchange)
-        finally:
-            if _access_enabled(logging.INFO):
-                access_log.info("request", **exchange.log_fields())
-
-    async def _exchange(
-        self, scope: Scope, receive: Receive, send: Send, route: Route[Provider], ex: Exchange
-    ) -> None:
-        provider = route.provider
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        try:
-            length = _header(headers, b"content-length")
+            length = _header(scope["headers"], b"content-length")
             declared = int(length) if length is not None and length.isdigit() else None
             body = await read_body(receive, self.max_body_bytes, declared)
+            watch = DisconnectWatch(receive)
+            if provider.admits(scope["method"], route.path):
+                slot, response = await self._admit(scope, route, body, ex)
+            else:
+                response = await self._open(scope, route, body, ex)
+            await self._stream(send, response, provider, ex)
         except ClientGone:
             ex.status = 499
-            return
-        except HTTPError as err:
-            ex.status = err.status
-            await send_error(send, err, provider.id)
-            return
-        watch = DisconnectWatch(receive)
-        try:
-            if provider.admits(scope["method"], route.path):
-                await self._admitted(scope, send, route, body, ex)
-            else:
-                await self._relay(send, await self._open(scope, route, body, ex), provider, ex)
         except HTTPError as err:
             if ex.started:
                 log.warning("upstream failed mid-response", provider=provider.id, error=err.message)
@@ -179,20 +180,28 @@ class Relay:
             ex.status = err.status
             await send_error(send, err, provider.id)
         except asyncio.CancelledError:
-            if not watch.gone:
+            if watch is None or not watch.gone:
                 raise
-            # The client left: every `finally` below has released and closed what
-            # it held; end the request quietly.
+            # The client left: every `finally` has released and closed what it
+            # held; end the request quietly.
             ex.status = 499 if not ex.started else ex.status
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
         finally:
-            watch.close()
+            if watch is not None:
+                watch.close()
+            if slot is not None:
+                slot.release()
+            if _access_enabled(logging.INFO):
+                access_log.info("request", **ex.log_fields())
 
-    async def _admitted(
-        self, scope: Scope, send: Send, route: Route[Provider], body: bytes, ex: Exchange
-    ) -> None:
+    async def _admit(
+        self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
+    ) -> tuple[Slot, UpstreamResponse]:
+        """Wait for a slot, then open the upstream response with it held. A 429
+        pauses the provider and, while retries last, puts the request back in the
+        queue at its old place."""
         provider = route.provider
         admission = provider.admission
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -211,6 +220,7 @@ class Relay:
             if isinstance(outcome, Rejection):
                 raise _rejection_error(outcome, provider.id)
             slot: Slot = outcome
+            response: UpstreamResponse | None = None
             try:
                 ex.queue_ms = round(queued_s * 1000)
                 response = await self._open(scope, route, body, ex)
@@ -221,12 +231,15 @@ class Relay:
                     if retries_left > 0:
                         retries_left -= 1
                         await response.aclose()
+                        slot.release()
                         continue  # back in the queue, at the same place
-                provider.observe_queue_wait(queued_s)
-                await self._relay(send, response, provider, ex)
-                return
-            finally:
+            except BaseException:
+                if response is not None:
+                    await response.aclose()
                 slot.release()
+                raise
+            provider.observe_queue_wait(queued_s)
+            return slot, response
 
     async def _open(
         self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
@@ -245,28 +258,13 @@ class Relay:
         ex.upstream_ms = round(ttfb * 1000)
         return response
 
-    async def _relay(
+    async def _stream(
         self, send: Send, response: UpstreamResponse, provider: Provider, ex: Exchange
     ) -> None:
         """Stream `response` to the client chunk by chunk as it arrives, then close it."""
         started = time.perf_counter()
         try:
-            headers = []
-            length = -1
-            for name, value in response.raw_headers:
-                name = name.lower()
-                if name not in _DROP_RESPONSE:
-                    headers.append((name, value))
-                    if name == b"content-length" and value.isdigit():
-                        length = int(value)
-            headers.append((b"x-sluice-provider", provider.id_bytes))
-            if ex.queue_ms is not None:
-                headers.append((b"x-sluice-queue-ms", str(ex.queue_ms).encode()))
-            ex.status = response.status
-            ex.started = True
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
+            length = await _start_response(send, response, provider, ex)
             finished = False
             async for chunk in response.chunks():
                 ex.bytes += len(chunk)
@@ -281,6 +279,30 @@ class Relay:
             if ex.upstream_ms is not None:
                 ex.upstream_ms += round((time.perf_counter() - started) * 1000)
             await response.aclose()
+
+
+async def _start_response(
+    send: Send, response: UpstreamResponse, provider: Provider, ex: Exchange
+) -> int:
+    """Send the status and headers; the body's length if the upstream declared it,
+    else -1. The upstream's header list is emptied once forwarded: an open stream
+    should not hold on to it."""
+    headers = []
+    length = -1
+    for name, value in response.raw_headers:
+        name = name.lower()
+        if name not in _DROP_RESPONSE:
+            headers.append((name, value))
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+    response.raw_headers.clear()
+    headers.append((b"x-sluice-provider", provider.id_bytes))
+    if ex.queue_ms is not None:
+        headers.append((b"x-sluice-queue-ms", str(ex.queue_ms).encode()))
+    ex.status = response.status
+    ex.started = True
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    return length
 
 
 def _str_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 The relay's policy (which headers, which URL, what a 429 means) lives in
 `upstream.py` and `relay.py`; this module only sends a request and hands back a
-response whose body is read chunk by chunk as it arrives. Production uses aiohttp,
-which costs about a quarter of httpx's CPU per request (see bench/RESULTS.md);
-tests use `HttpxTransport` around httpx's `MockTransport` or respx.
+response whose body is read chunk by chunk as it arrives. Production uses our own
+HTTP/1.1 client (`proxy/http1.py`), which costs a fraction of httpx's CPU and of
+aiohttp's memory per open stream (see bench/RESULTS.md); tests use `HttpxTransport`
+around httpx's `MockTransport` or respx.
 
 Lower-layer errors become `UpstreamUnavailable` (502) or `UpstreamTimeout` (504)
 here, once, with `raise ... from exc`.
@@ -12,15 +13,10 @@ here, once, with `raise ... from exc`.
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-import aiohttp
 import httpx
-from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
@@ -59,107 +55,6 @@ class Transport(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-# ---------------------------------------------------------------------- aiohttp
-
-
-class AiohttpTransport:
-    """A pooled aiohttp session: unlimited connections (a proxy holds one per open
-    stream), no automatic headers, no decompression (Content-Encoding passes through),
-    no redirects, TLS verified."""
-
-    def __init__(
-        self,
-        *,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        ca_bundle: str = "",
-        provider_id: str = "",
-    ) -> None:
-        self._provider_id = provider_id
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
-        )
-        context = ssl.create_default_context(cafile=ca_bundle or None)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=0, limit_per_host=0, keepalive_timeout=30, ssl=context
-            ),
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            trust_env=False,
-        )
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Headers,
-        body: bytes,
-        *,
-        timeout_s: float | None = None,
-    ) -> UpstreamResponse:
-        timeout = (
-            self._timeout
-            if timeout_s is None
-            else aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s)
-        )
-        try:
-            response = await self._session.request(
-                method,
-                URL(url, encoded=True),
-                headers=CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
-                data=body or None,
-                allow_redirects=False,
-                timeout=timeout,
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _aiohttp_error(exc, self._provider_id) from exc
-        return _AiohttpResponse(response, self._provider_id)
-
-    async def close(self) -> None:
-        await self._session.close()
-
-
-class _AiohttpResponse:
-    __slots__ = ("_done", "_provider_id", "_response", "raw_headers", "status")
-
-    def __init__(self, response: aiohttp.ClientResponse, provider_id: str) -> None:
-        self._response = response
-        self._provider_id = provider_id
-        self._done = False
-        self.status = response.status
-        self.raw_headers: Headers = list(response.raw_headers)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        try:
-            while chunk := await content.readany():
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _aiohttp_error(exc, self._provider_id) from exc
-        self._done = True
-
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
-
-    async def aclose(self) -> None:
-        # A fully read body lets the connection go back to the pool; anything else
-        # closes it, which is also how the upstream learns the client went away.
-        if self._done:
-            self._response.release()
-        else:
-            self._response.close()
-
-
-def _aiohttp_error(exc: BaseException, provider_id: str) -> UpstreamError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamUnavailable(f"upstream {provider_id} did not accept a connection in time")
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return UpstreamTimeout(f"upstream {provider_id} sent nothing in time")
-    return UpstreamUnavailable(f"upstream {provider_id} is unreachable ({type(exc).__name__})")
 
 
 # ------------------------------------------------------------------------ httpx

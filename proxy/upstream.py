@@ -10,8 +10,9 @@ import httpx
 
 from proxy.errors import UpstreamError
 from proxy.headers import HOP_BY_HOP
+from proxy.http1 import Http1Transport
 from proxy.settings import ProviderConfig
-from proxy.transport import AiohttpTransport, HttpxTransport, Transport, UpstreamResponse
+from proxy.transport import HttpxTransport, Transport, UpstreamResponse
 
 USAGE_TIMEOUT_S = 2.0
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
@@ -19,7 +20,7 @@ _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
 
 class Upstream:
     """One provider. `transport` is injectable: an httpx transport (MockTransport,
-    respx) gives an httpx-backed client for tests; by default aiohttp is used."""
+    respx) gives an httpx-backed client for tests; by default `Http1Transport`."""
 
     def __init__(
         self,
@@ -36,7 +37,7 @@ class Upstream:
         self._drop = _DROP_REQUEST | {b"authorization"} if self._auth else _DROP_REQUEST
         self.transport: Transport
         if transport is None:
-            self.transport = AiohttpTransport(
+            self.transport = Http1Transport(
                 connect_timeout_s=config.connect_timeout_s,
                 read_timeout_s=config.read_timeout_s,
                 ca_bundle=ca_bundle,

@@ -1,0 +1,539 @@
+"""The production upstream client: HTTP/1.1 keep-alive connections on asyncio
+protocols, responses parsed by httptools.
+
+Why our own: a proxy holds one upstream connection per open stream, so what a
+client keeps per connection is multiplied by every stream in flight. aiohttp kept
+about 12 KiB of Python objects per open stream (response, stream reader, protocol,
+connector bookkeeping, multidicts, several deques); this client keeps one small
+protocol object per connection and one response object per request, and hands body
+bytes to the reader through a list and at most one future. It does only what the
+relay needs: one request at a time per connection, bodies sent whole, no redirects,
+no decompression, no cookies, no proxies; TLS is always verified.
+
+Lower-layer failures become `UpstreamUnavailable` (502) or `UpstreamTimeout` (504)
+here, with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from typing import NamedTuple, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+Headers = list[tuple[bytes, bytes]]
+
+HIGH_WATER = 256 * 1024
+"""Unread body bytes past which the connection stops reading from the upstream, so a
+slow client pushes back on the upstream instead of growing our memory."""
+
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""Methods retried once on a fresh connection when a pooled one turns out closed."""
+
+
+class Origin(NamedTuple):
+    """Where a connection goes; pooled connections are keyed by it."""
+
+    tls: bool
+    host: str
+    port: int
+    host_header: bytes
+
+
+class _ClosedEarly(UpstreamUnavailable):
+    """The connection closed before any byte of the response: on a pooled connection
+    this is the upstream having dropped it while idle, and an idempotent request is
+    retried once on a fresh one."""
+
+
+class Http1Response:
+    """One response whose status and headers have arrived; `chunks()` reads the body
+    as it arrives. `aclose()` closes the connection unless the body was read to its
+    end (the connection went back to the pool then). Safe to call more than once."""
+
+    __slots__ = (
+        "_complete",
+        "_connection",
+        "_error",
+        "_pending",
+        "_waiter",
+        "buffered",
+        "raw_headers",
+        "status",
+    )
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection: _Connection | None = connection
+        self.status = 0
+        self.raw_headers: Headers = []
+        self._pending: list[bytes] = []
+        self.buffered = 0
+        """Body bytes received and not yet handed out by `chunks()`."""
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._complete = False
+
+    # -- fed by the connection
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._pending.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def _finish(self, error: UpstreamError | None = None) -> None:
+        """The body ended (`error` None) or failed; the connection is done with us."""
+        if error is None:
+            self._complete = True
+        elif self._error is None:
+            self._error = error
+        self._connection = None
+        self._wake()
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    # -- read by the relay
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body; pieces that arrived since the last one was taken come joined,
+        so one write to the client can carry them all."""
+        pending = self._pending
+        while True:
+            if pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                self.buffered = 0
+                if (connection := self._connection) is not None:
+                    connection.drained()
+                yield data
+            elif self._error is not None:
+                raise self._error
+            elif self._complete:
+                return
+            else:
+                await self._wait()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        if (connection := self._connection) is not None:
+            self._connection = None
+            connection.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection, serving one request at a time. The parser calls
+    back into it (`on_header` ... `on_message_complete`) from `data_received`."""
+
+    __slots__ = (
+        "_deadline",
+        "_head_only",
+        "_informational",
+        "_last_data",
+        "_parser",
+        "_paused",
+        "_pool",
+        "_read_timeout_s",
+        "_received",
+        "_to_eof",
+        "closed",
+        "idle_since",
+        "origin",
+        "response",
+        "transport",
+    )
+
+    def __init__(self, pool: Http1Transport, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.response: Http1Response | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        """When it went back to the pool; 0 while it serves a request."""
+        self._paused = False
+        self._received = False
+        self._head_only = False
+        self._informational = False
+        self._to_eof = False
+        self._last_data = 0.0
+        self._read_timeout_s = 0.0
+        self._deadline = 0.0
+
+    async def exchange(
+        self, head: bytes, body: bytes, *, head_only: bool, read_timeout_s: float, deadline: float
+    ) -> Http1Response:
+        """Send one request and wait for its response's status and headers."""
+        transport = self.transport
+        assert transport is not None
+        response = self.response = Http1Response(self)
+        self._received = False
+        self._head_only = head_only
+        self._read_timeout_s = read_timeout_s
+        self._deadline = deadline
+        self._last_data = self._pool.loop.time()
+        self._pool.watch(self.due())
+        if len(body) < 65536:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        try:
+            while not response.status:
+                if response._error is not None:
+                    raise response._error
+                await response._wait()
+        except BaseException:
+            self.close()
+            raise
+        return response
+
+    def drained(self) -> None:
+        """The reader took what was buffered: read from the upstream again."""
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.response = None
+        self._pool.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:
+            self.close()  # bytes nobody asked for: the connection cannot be trusted
+            return
+        self._received = True
+        self._last_data = self._pool.loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(
+                UpstreamUnavailable(
+                    f"upstream {self._pool.provider_id} sent a malformed response ({exc})"
+                )
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        response = self.response
+        if response is None:
+            return
+        self.response = None
+        provider = self._pool.provider_id
+        if response.status and self._to_eof and exc is None:
+            response._finish()  # a body with neither length nor chunking ends at EOF
+        elif not self._received:
+            response._finish(
+                _ClosedEarly(f"upstream {provider} closed the connection before answering")
+            )
+        else:
+            response._finish(
+                UpstreamUnavailable(f"upstream {provider} closed the connection mid-response")
+            )
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if (response := self.response) is not None:
+            response.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is None:
+            self.close()  # a response to no request
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._informational = True  # e.g. 100 Continue: the real answer follows
+            response.raw_headers.clear()
+            return
+        response.status = status
+        self._to_eof = status not in (204, 304) and not any(
+            name.lower() in (b"content-length", b"transfer-encoding")
+            for name, _ in response.raw_headers
+        )
+        if self._head_only:
+            # The parser cannot be told a HEAD answer has no body; end it here and
+            # do not reuse the connection.
+            response._finish()
+            self.close()
+        else:
+            response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is None:
+            return
+        response._feed(body)
+        if response.buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        response = self.response
+        if response is None:
+            return
+        self.response = None
+        response._finish()
+        if self._parser.should_keep_alive() and not self.closed:
+            self.drained()  # an idle connection must read, to see the upstream close it
+            self._pool.release(self)
+        else:
+            self.close()
+
+    # -- timeouts
+
+    def due(self) -> float:
+        """When the exchange times out unless a byte arrives first."""
+        due = self._last_data + self._read_timeout_s
+        return min(due, self._deadline) if self._deadline else due
+
+    def check_timeout(self, now: float) -> float | None:
+        """Fail the exchange if it is due; else when to check again (None: idle)."""
+        if self.response is None:
+            return None
+        if self._paused:
+            self._last_data = now  # the reader is behind, not the upstream silent
+        due = self.due()
+        if now < due:
+            return due
+        self._fail(UpstreamTimeout(f"upstream {self._pool.provider_id} sent nothing in time"))
+        return None
+
+    def _fail(self, error: UpstreamError) -> None:
+        if (response := self.response) is not None:
+            response._finish(error)
+        self.close()
+
+
+class Http1Transport:
+    """Pooled keep-alive connections per origin, unlimited in number (a proxy holds
+    one per open stream). A connection idle for `keepalive_s` is closed."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        ca_bundle: str = "",
+        provider_id: str = "",
+        keepalive_s: float = 30.0,
+    ) -> None:
+        self.provider_id = provider_id
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._ca_bundle = ca_bundle
+        self._keepalive_s = keepalive_s
+        self._ssl: ssl.SSLContext | None = None
+        self._origins: dict[str, Origin] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._connections: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        # One timer for every read timeout: a timer per connection would cost more
+        # memory per open stream than the rest of the connection.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Headers,
+        body: bytes,
+        *,
+        timeout_s: float | None = None,
+    ) -> Http1Response:
+        """Send the request; `url` is already percent-encoded and is sent as is.
+        `timeout_s` bounds the whole exchange, headers and body."""
+        origin, target = self._split(url)
+        head = _request_head(method, target, origin.host_header, headers, body)
+        loop = self.loop
+        deadline = loop.time() + timeout_s if timeout_s is not None else 0.0
+        read_timeout_s = self._read_timeout_s if timeout_s is None else timeout_s
+        head_only = method == "HEAD"
+        connection = self._take_idle(origin)
+        if connection is not None:
+            try:
+                return await connection.exchange(
+                    head,
+                    body,
+                    head_only=head_only,
+                    read_timeout_s=read_timeout_s,
+                    deadline=deadline,
+                )
+            except _ClosedEarly:
+                if method not in _IDEMPOTENT:
+                    raise
+        connection = await self._connect(origin, deadline)
+        return await connection.exchange(
+            head, body, head_only=head_only, read_timeout_s=read_timeout_s, deadline=deadline
+        )
+
+    async def close(self) -> None:
+        for timer in (self._sweeper, self._watchdog):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._watchdog = None
+        for connection in list(self._connections):
+            connection.close()
+
+    # -- timeouts
+
+    def watch(self, due: float) -> None:
+        """An exchange started that times out at `due` unless bytes arrive."""
+        if self._watchdog is None or due < self._watchdog_at:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog = self.loop.call_at(due, self._check_timeouts)
+            self._watchdog_at = due
+
+    def _check_timeouts(self) -> None:
+        self._watchdog = None
+        now = self.loop.time()
+        dues = [c.check_timeout(now) for c in list(self._connections)]
+        if upcoming := [due for due in dues if due is not None]:
+            self.watch(min(upcoming))
+
+    # -- the pool
+
+    def release(self, connection: _Connection) -> None:
+        connection.idle_since = self.loop.time()
+        self._idle.setdefault(connection.origin, []).append(connection)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._keepalive_s, self._sweep)
+
+    def forget(self, connection: _Connection) -> None:
+        """`connection` is closed or closing: out of the pool for good."""
+        self._connections.discard(connection)
+        if connection.idle_since:
+            connection.idle_since = 0.0
+            idle = self._idle.get(connection.origin)
+            if idle is not None and connection in idle:
+                idle.remove(connection)
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        horizon = self.loop.time() - self._keepalive_s
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely closed
+            if connection.idle_since <= horizon:
+                connection.close()
+                continue
+            connection.idle_since = 0.0
+            transport = connection.transport
+            if not connection.closed and transport is not None and not transport.is_closing():
+                return connection
+        return None
+
+    def _sweep(self) -> None:
+        """Close connections idle for `keepalive_s`; run again while any are idle."""
+        self._sweeper = None
+        horizon = self.loop.time() - self._keepalive_s
+        oldest = None
+        for idle in self._idle.values():
+            for connection in [c for c in idle if c.idle_since <= horizon]:
+                connection.close()
+            if idle and (oldest is None or idle[0].idle_since < oldest):
+                oldest = idle[0].idle_since
+        if oldest is not None:
+            self._sweeper = self.loop.call_at(oldest + self._keepalive_s, self._sweep)
+
+    async def _connect(self, origin: Origin, deadline: float) -> _Connection:
+        loop = self.loop
+        timeout_s = self._connect_timeout_s
+        if deadline:
+            timeout_s = min(timeout_s, deadline - loop.time())
+        connection = _Connection(self, origin)
+        context = self._ssl_context() if origin.tls else None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loop.create_connection(
+                    lambda: connection, origin.host, origin.port, ssl=context
+                )
+        except TimeoutError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.provider_id} did not accept a connection in time"
+            ) from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {self.provider_id} is unreachable ({type(exc).__name__})"
+            ) from exc
+        self._connections.add(connection)
+        return connection
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=self._ca_bundle or None)
+        return self._ssl
+
+    def _split(self, url: str) -> tuple[Origin, bytes]:
+        """(origin, request target) of an absolute URL; origins are parsed once."""
+        start = url.find("//") + 2
+        end = url.find("/", start)
+        if end == -1:
+            prefix, target = url, "/"
+        else:
+            prefix, target = url[:end], url[end:]
+        origin = self._origins.get(prefix)
+        if origin is None:
+            origin = self._origins[prefix] = _origin(prefix, self.provider_id)
+        return origin, target.encode("latin-1")
+
+
+def _origin(prefix: str, provider_id: str) -> Origin:
+    parts = urlsplit(prefix)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamUnavailable(f"upstream {provider_id} has no usable http(s) URL")
+    tls = parts.scheme == "https"
+    default = 443 if tls else 80
+    port = parts.port or default
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    host_header = host if port == default else f"{host}:{port}"
+    return Origin(tls, parts.hostname, port, host_header.encode("idna"))
+
+
+def _request_head(method: str, target: bytes, host: bytes, headers: Headers, body: bytes) -> bytes:
+    lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode("ascii"), target, host)]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers]
+    if body or method in _WITH_BODY:
+        lines.append(b"content-length: %d\r\n" % len(body))
+    lines.append(b"\r\n")
+    head = b"".join(lines)
+    if head.count(b"\n") != len(lines) + 1:  # the first item holds two lines
+        # A line break inside a value would let it smuggle headers or a request.
+        raise UpstreamUnavailable("a request header or the path contains a line break")
+    return head
