@@ -17,6 +17,8 @@ here, with `raise ... from exc`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator
 from typing import NamedTuple, cast
@@ -32,6 +34,7 @@ HIGH_WATER = 256 * 1024
 """Unread body bytes past which the connection stops reading from the upstream, so a
 slow client pushes back on the upstream instead of growing our memory."""
 
+_AUTHORITY_END = re.compile(r"[/?#]")
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods retried once on a fresh connection when a pooled one turns out closed."""
@@ -55,7 +58,13 @@ class _ClosedEarly(UpstreamUnavailable):
 class Http1Response:
     """One response whose status and headers have arrived; `chunks()` reads the body
     as it arrives. `aclose()` closes the connection unless the body was read to its
-    end (the connection went back to the pool then). Safe to call more than once."""
+    end (the connection went back to the pool then). Safe to call more than once.
+
+    While the reader waits, the next piece goes straight into the future it awaits;
+    pieces that arrive while nobody waits are kept in `_pending`. An open stream
+    costs one future while idle, not a generator or a coroutine. (So a reader
+    cancelled just after a piece was handed over loses it; the relay abandons the
+    stream when cancelled, so nothing reads on.)"""
 
     __slots__ = (
         "_complete",
@@ -75,61 +84,71 @@ class Http1Response:
         self._pending: list[bytes] = []
         self.buffered = 0
         """Body bytes received and not yet handed out by `chunks()`."""
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bytes] | None = None
         self._error: UpstreamError | None = None
         self._complete = False
 
     # -- fed by the connection
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _headers_arrived(self, status: int) -> None:
+        self.status = status
+        if (waiter := self._waiter) is not None and not waiter.done():
+            waiter.set_result(b"")
 
     def _feed(self, data: bytes) -> None:
-        self._pending.append(data)
-        self.buffered += len(data)
-        self._wake()
+        if (waiter := self._waiter) is not None and not waiter.done():
+            waiter.set_result(data)
+        else:
+            self._pending.append(data)
+            self.buffered += len(data)
 
     def _finish(self, error: UpstreamError | None = None) -> None:
-        """The body ended (`error` None) or failed; the connection is done with us."""
+        """The body ended (`error` None) or failed; the connection is done with us.
+        The first end counts."""
+        if self._complete or self._error is not None:
+            return
         if error is None:
             self._complete = True
-        elif self._error is None:
+        else:
             self._error = error
         self._connection = None
-        self._wake()
+        if (waiter := self._waiter) is not None and not waiter.done():
+            waiter.set_exception(error or StopAsyncIteration())
 
-    async def _wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+    async def _wait_for_headers(self) -> None:
+        while not self.status:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(StopAsyncIteration):
+                await self._waiter
 
     # -- read by the relay
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body; pieces that arrived since the last one was taken come joined,
         so one write to the client can carry them all."""
-        pending = self._pending
-        while True:
-            if pending:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                self.buffered = 0
-                if (connection := self._connection) is not None:
-                    connection.drained()
-                yield data
-            elif self._error is not None:
-                raise self._error
-            elif self._complete:
-                return
-            else:
-                await self._wait()
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __anext__(self) -> asyncio.Future[bytes]:
+        future = self._waiter = asyncio.get_running_loop().create_future()
+        if pending := self._pending:
+            future.set_result(pending[0] if len(pending) == 1 else b"".join(pending))
+            pending.clear()
+            self.buffered = 0
+            if (connection := self._connection) is not None:
+                connection.drained()
+        elif self._error is not None:
+            future.set_exception(self._error)
+        elif self._complete:
+            future.set_exception(StopAsyncIteration())
+        return future
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        return b"".join([chunk async for chunk in self])
 
     async def aclose(self) -> None:
         if (connection := self._connection) is not None:
@@ -138,8 +157,9 @@ class Http1Response:
 
 
 class _Connection(asyncio.Protocol):
-    """One upstream connection, serving one request at a time. The parser calls
-    back into it (`on_header` ... `on_message_complete`) from `data_received`."""
+    """One upstream connection, serving one request at a time. Its parser calls
+    back into it (`on_header` ... `on_message_complete`) from `data_received`,
+    through the pool's shared `_ParserEvents`."""
 
     __slots__ = (
         "_deadline",
@@ -163,7 +183,7 @@ class _Connection(asyncio.Protocol):
         self._pool = pool
         self.origin = origin
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = httptools.HttpResponseParser(pool.events)
         self.response: Http1Response | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -195,10 +215,7 @@ class _Connection(asyncio.Protocol):
         else:
             transport.writelines((head, body))
         try:
-            while not response.status:
-                if response._error is not None:
-                    raise response._error
-                await response._wait()
+            await response._wait_for_headers()
         except BaseException:
             self.close()
             raise
@@ -210,11 +227,19 @@ class _Connection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
-    def close(self) -> None:
-        self.response = None
+    def close(self, error: UpstreamError | None = None) -> None:
+        """Close the connection; a response still in flight fails with `error`."""
+        if (response := self.response) is not None:
+            self.response = None
+            response._finish(
+                error
+                or UpstreamUnavailable(f"sluice closed the connection to {self._pool.provider_id}")
+            )
         self._pool.forget(self)
         if self.transport is not None:
-            self.transport.close()
+            # Not close(): over TLS that waits for the peer's close_notify, and a
+            # peer that never sends one would hold the socket for half a minute.
+            self.transport.abort()
 
     # -- asyncio.Protocol
 
@@ -227,10 +252,11 @@ class _Connection(asyncio.Protocol):
             return
         self._received = True
         self._last_data = self._pool.loop.time()
+        self._pool.events.connection = self
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(
+            self.close(
                 UpstreamUnavailable(
                     f"upstream {self._pool.provider_id} sent a malformed response ({exc})"
                 )
@@ -271,18 +297,16 @@ class _Connection(asyncio.Protocol):
             self._informational = True  # e.g. 100 Continue: the real answer follows
             response.raw_headers.clear()
             return
-        response.status = status
         self._to_eof = status not in (204, 304) and not any(
             name.lower() in (b"content-length", b"transfer-encoding")
             for name, _ in response.raw_headers
         )
+        response._headers_arrived(status)
         if self._head_only:
             # The parser cannot be told a HEAD answer has no body; end it here and
             # do not reuse the connection.
             response._finish()
             self.close()
-        else:
-            response._wake()
 
     def on_body(self, body: bytes) -> None:
         response = self.response
@@ -324,13 +348,27 @@ class _Connection(asyncio.Protocol):
         due = self.due()
         if now < due:
             return due
-        self._fail(UpstreamTimeout(f"upstream {self._pool.provider_id} sent nothing in time"))
+        self.close(UpstreamTimeout(f"upstream {self._pool.provider_id} sent nothing in time"))
         return None
 
-    def _fail(self, error: UpstreamError) -> None:
-        if (response := self.response) is not None:
-            response._finish(error)
-        self.close()
+
+class _ParserEvents:
+    """The parser callbacks, shared by every connection of a pool: given a
+    connection as its protocol, httptools would keep four bound methods per parser,
+    memory every open stream pays for. The callbacks run synchronously inside
+    `feed_data`, so they go to the connection being fed."""
+
+    def __init__(self) -> None:
+        self.connection: _Connection | None = None
+        # Plain functions stored on the instance: looking them up binds nothing.
+        self.on_header = lambda name, value: self._fed().on_header(name, value)
+        self.on_headers_complete = lambda: self._fed().on_headers_complete()
+        self.on_body = lambda body: self._fed().on_body(body)
+        self.on_message_complete = lambda: self._fed().on_message_complete()
+
+    def _fed(self) -> _Connection:
+        assert self.connection is not None, "parser callback outside feed_data"
+        return self.connection
 
 
 class Http1Transport:
@@ -347,6 +385,7 @@ class Http1Transport:
         keepalive_s: float = 30.0,
     ) -> None:
         self.provider_id = provider_id
+        self.events = _ParserEvents()
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._ca_bundle = ca_bundle
@@ -502,12 +541,11 @@ class Http1Transport:
 
     def _split(self, url: str) -> tuple[Origin, bytes]:
         """(origin, request target) of an absolute URL; origins are parsed once."""
-        start = url.find("//") + 2
-        end = url.find("/", start)
-        if end == -1:
-            prefix, target = url, "/"
-        else:
-            prefix, target = url[:end], url[end:]
+        authority_end = _AUTHORITY_END.search(url, url.find("//") + 2)
+        end = authority_end.start() if authority_end else len(url)
+        prefix, target = url[:end], url[end:]
+        if not target.startswith("/"):
+            target = "/" + target  # "http://host?q" asks for "/?q"
         origin = self._origins.get(prefix)
         if origin is None:
             origin = self._origins[prefix] = _origin(prefix, self.provider_id)

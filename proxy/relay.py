@@ -70,10 +70,11 @@ class DisconnectWatch:
 
     def _listen(self) -> asyncio.Future[Message]:
         watcher = asyncio.ensure_future(self._receive())
-        watcher.add_done_callback(self._on_message)
+        watcher.add_done_callback(self)  # the watch is its own callback: no bound method
         return watcher
 
-    def _on_message(self, watcher: asyncio.Future[Message]) -> None:
+    def __call__(self, watcher: asyncio.Future[Message]) -> None:
+        """The next message arrived."""
         if self._finished or watcher.cancelled() or watcher.exception() is not None:
             return
         if watcher.result()["type"] != "http.disconnect":
@@ -146,10 +147,7 @@ class Exchange:
 
 
 class Relay:
-    """Forwards one proxied request; `app.py` routes here.
-
-    Few coroutine frames on purpose: each one stays alive for as long as its stream
-    is open, so the stream's memory grows with every level of nesting."""
+    """Forwards one proxied request; `app.py` routes here."""
 
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
@@ -161,6 +159,7 @@ class Relay:
         ex = Exchange(provider.id, scope["method"], scope["path"])
         watch: DisconnectWatch | None = None
         slot: Slot | None = None
+        response: UpstreamResponse | None = None
         try:
             length = _header(scope["headers"], b"content-length")
             declared = int(length) if length is not None and length.isdigit() else None
@@ -170,7 +169,26 @@ class Relay:
                 slot, response = await self._admit(scope, route, body, ex)
             else:
                 response = await self._open(scope, route, body, ex)
-            await self._stream(send, response, provider, ex)
+            # A stream can run for minutes, and the body (the whole conversation,
+            # often tens of KiB) is not needed again.
+            del body
+            # The stream is relayed here rather than in a method of its own: every
+            # coroutine frame stays alive for as long as the stream is open.
+            streamed_from = time.perf_counter()
+            size = await _start_response(send, response, provider, ex)
+            finished = False
+            async for chunk in response.chunks():
+                ex.bytes += len(chunk)
+                # With a Content-Length the last chunk can end the response itself,
+                # saving a write; the loop still runs on to the upstream's end of
+                # body so its connection goes back to the pool.
+                finished = ex.bytes == size
+                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
+                del chunk  # not held while waiting for the next one
+            if not finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if ex.upstream_ms is not None:
+                ex.upstream_ms += round((time.perf_counter() - streamed_from) * 1000)
         except ClientGone:
             ex.status = 499
         except HTTPError as err:
@@ -182,13 +200,15 @@ class Relay:
         except asyncio.CancelledError:
             if watch is None or not watch.gone:
                 raise
-            # The client left: every `finally` has released and closed what it
-            # held; end the request quietly.
+            # The client left: `finally` releases and closes what was held; end
+            # the request quietly.
             ex.status = 499 if not ex.started else ex.status
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
         finally:
+            if response is not None:
+                await response.aclose()
             if watch is not None:
                 watch.close()
             if slot is not None:
@@ -257,28 +277,6 @@ class Relay:
         provider.observe_ttfb(ttfb)
         ex.upstream_ms = round(ttfb * 1000)
         return response
-
-    async def _stream(
-        self, send: Send, response: UpstreamResponse, provider: Provider, ex: Exchange
-    ) -> None:
-        """Stream `response` to the client chunk by chunk as it arrives, then close it."""
-        started = time.perf_counter()
-        try:
-            length = await _start_response(send, response, provider, ex)
-            finished = False
-            async for chunk in response.chunks():
-                ex.bytes += len(chunk)
-                # With a Content-Length the last chunk can end the response itself,
-                # saving a write; the loop still runs on to the upstream's end of
-                # body so its connection goes back to the pool.
-                finished = ex.bytes == length
-                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
-            if not finished:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            if ex.upstream_ms is not None:
-                ex.upstream_ms += round((time.perf_counter() - started) * 1000)
-            await response.aclose()
 
 
 async def _start_response(

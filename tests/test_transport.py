@@ -1,4 +1,4 @@
-"""The production transport (aiohttp) against real loopback servers."""
+"""The production transport (`Http1Transport`) against real loopback servers."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.transport import AiohttpTransport
+from proxy.http1 import Http1Transport
 from tests.servers import Server, free_port
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[AiohttpTransport]:
-    t = AiohttpTransport(connect_timeout_s=2, read_timeout_s=0.5, provider_id="sim")
+async def transport() -> AsyncIterator[Http1Transport]:
+    t = Http1Transport(connect_timeout_s=2, read_timeout_s=0.5, provider_id="sim")
     yield t
     await t.close()
 
 
 async def test_sends_exactly_the_given_headers(
-    transport: AiohttpTransport, sim_reset: Server
+    transport: Http1Transport, sim_reset: Server
 ) -> None:
     response = await transport.send(
         "POST", sim_reset.url + "/v1/echo/a%20b?q=%2F", [(b"x-one", b"1"), (b"x-two", b"2")], b"hi"
@@ -31,7 +31,7 @@ async def test_sends_exactly_the_given_headers(
     echo = json.loads(await response.read())
     await response.aclose()
     names = [name for name, _ in echo["headers"]]
-    # Nothing of aiohttp's own: no User-Agent, Accept or Accept-Encoding.
+    # Nothing of the client's own: no User-Agent, Accept or Accept-Encoding.
     assert names == ["host", "x-one", "x-two", "content-length"]
     assert echo["path"] == "/v1/echo/a%20b" or echo["path"] == "/v1/echo/a b"
     assert echo["query"] == "q=%2F"
@@ -39,7 +39,7 @@ async def test_sends_exactly_the_given_headers(
 
 
 async def test_chunks_arrive_as_they_are_written(
-    transport: AiohttpTransport, sim_reset: Server
+    transport: Http1Transport, sim_reset: Server
 ) -> None:
     body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
     headers = [
@@ -58,7 +58,7 @@ async def test_chunks_arrive_as_they_are_written(
 
 
 async def test_silence_past_the_read_timeout_is_504(
-    transport: AiohttpTransport, sim_reset: Server
+    transport: Http1Transport, sim_reset: Server
 ) -> None:
     body = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
     headers = [(b"x-sim-tokens", b"3"), (b"x-sim-token-delay-ms", b"2000")]
@@ -72,12 +72,12 @@ async def test_silence_past_the_read_timeout_is_504(
         await transport.send("POST", sim_reset.url + "/v1/chat/completions", headers, non_streaming)
 
 
-async def test_nothing_listening_is_502(transport: AiohttpTransport) -> None:
+async def test_nothing_listening_is_502(transport: Http1Transport) -> None:
     with pytest.raises(UpstreamUnavailable):
         await transport.send("GET", f"http://127.0.0.1:{free_port()}/v1/models", [], b"")
 
 
-async def test_content_encoding_passes_through_undecoded(transport: AiohttpTransport) -> None:
+async def test_content_encoding_passes_through_undecoded(transport: Http1Transport) -> None:
     payload = gzip.compress(b'{"ok": true}')
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
