@@ -352,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         runner.say("admission micro-benchmark:")
         admission = _admission(place, profile)
         runner.say(f"  {admission}")
+        memory: dict[str, Any] = {}
+        if "sluice" in results:
+            runner.say("memory per open stream (tracemalloc, 256 streams):")
+            memory = _memory()
+            runner.say(f"  {report.brief_memory(memory)}")
 
     run = report.Run(
         profile=profile.name,
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         admission=admission,
         notes=notes,
         elapsed_s=time.monotonic() - began,
+        memory=memory,
     )
     (args.out / "results.json").write_text(json.dumps(asdict(run), indent=2, default=str))
     return _render(run, args.out)
@@ -387,6 +393,21 @@ def _admission(place: Placement, profile: Profile) -> dict[str, Any]:
     if profile is QUICK:
         command.append("--quick")
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if done.returncode != 0:
+        return {"error": " | ".join(done.stderr.strip().splitlines()[-3:])}
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _memory() -> dict[str, Any]:
+    """bench/memory.py's breakdown, in a process of its own (it pins itself)."""
+    done = subprocess.run(
+        python("bench.memory", "--streams", "256"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     if done.returncode != 0:
         return {"error": " | ".join(done.stderr.strip().splitlines()[-3:])}
     result: dict[str, Any] = json.loads(done.stdout)

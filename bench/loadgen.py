@@ -29,7 +29,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -414,6 +414,8 @@ async def phase_streams(
     warmup: int,
     rss_pid: int | None,
     pids: list[int],
+    on_idle: Callable[[], None] | None = None,
+    on_sample: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """n concurrent streams, each on its own connection, all started at once.
 
@@ -435,6 +437,8 @@ async def phase_streams(
         client.close()
         await asyncio.sleep(0.2)
     idle_rss = ProcWatch.rss_kib(rss_pid) if rss_pid else -1
+    if on_idle is not None:
+        on_idle()
     open_streams = 0
     unconnected = 0
     outcomes: dict[str, int] = {"completed": 0, "failed": 0, "stalled": 0}
@@ -486,6 +490,8 @@ async def phase_streams(
             if loop.time() >= half and ready >= n:
                 break
             await asyncio.sleep(0.05)
+        if on_sample is not None:
+            on_sample()
         return (
             (ProcWatch.rss_kib(rss_pid) if rss_pid else -1),
             open_streams,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class Run:
     admission: dict[str, Any]
     notes: list[str]
     elapsed_s: float
+    memory: dict[str, Any] = field(default_factory=dict)  # bench/memory.py's breakdown
 
     def get(self, target: str, phase: str, name: str) -> Value:
         """A numeric figure, or None when the target, phase or figure is missing."""
@@ -119,6 +120,14 @@ def ratio(value: Value, base: Value) -> str:
     if abs(r) >= 0.1:
         return f"{r:.1f}×"
     return f"{r:.2f}×"
+
+
+def brief_memory(memory: dict[str, Any]) -> str:
+    """One progress line for the memory profile."""
+    if "error" in memory:
+        return f"ERROR {memory['error']}"
+    owners = ", ".join(f"{name} {num(kib)}" for name, kib in memory["by_owner_kib"].items())
+    return f"{num(memory['traced_kib_per_stream'])} KiB per open stream: {owners}"
 
 
 def brief(key: str, result: dict[str, Any]) -> str:
@@ -301,6 +310,35 @@ def admission_table(run: Run) -> str:
         f"| through the proxy: sequential latency p50, limited provider − unlimited "
         f"({num(limited)} − {num(base)} ms) | {through} |"
     )
+    return "\n".join(lines)
+
+
+def memory_table(run: Run) -> str:
+    """Who holds the Python memory of an open stream (tracemalloc, bench/memory.py)."""
+    m = run.memory
+    if not m:
+        return "memory profile not run"
+    if "error" in m:
+        return f"memory profile failed: {m['error']}"
+    total = m["traced_kib_per_stream"]
+    lines = [
+        f"{m['open_at_snapshot']} of {m['streams']} streams open at the snapshot; "
+        f"traced Python memory per open stream: **{num(total)} KiB**.",
+        "",
+        "| owner | KiB per open stream | share |",
+        "|---|---|---|",
+        *(
+            f"| {owner} | {num(kib)} | {100 * kib / total:.0f} % |"
+            for owner, kib in m["by_owner_kib"].items()
+        ),
+        "",
+        "| largest allocation sites | owner | bytes per open stream | blocks |",
+        "|---|---|---|---|",
+        *(
+            f"| `{t['where']}` | {t['owner']} | {t['bytes']:,.0f} | {t['blocks']:.1f} |"
+            for t in m["top"]
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -517,6 +555,17 @@ def results_markdown(run: Run) -> str:
         "## Admission core",
         "",
         admission_table(run),
+        "",
+        "## Memory per open stream",
+        "",
+        "sluice alone under tracemalloc (`python -m bench.memory`): the objects alive "
+        "once every stream flows minus those alive after warm-up, charged to the "
+        "innermost frame of sluice or uvicorn that asked for them (an `asyncio.Event` "
+        "uvicorn creates is uvicorn's; what uvloop allocates in C while accepting a "
+        "client is the event loop's). RSS per stream is higher by the allocators' "
+        "rounding and free space.",
+        "",
+        memory_table(run),
         "",
         "## How it was measured",
         "",
