@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import re
 import ssl
-from collections.abc import AsyncIterator
-from typing import NamedTuple, cast
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -115,14 +115,6 @@ class Http1Response:
         if (waiter := self._waiter) is not None and not waiter.done():
             waiter.set_exception(error or StopAsyncIteration())
 
-    async def _wait_for_headers(self) -> None:
-        while not self.status:
-            if self._error is not None:
-                raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(StopAsyncIteration):
-                await self._waiter
-
     # -- read by the relay
 
     def chunks(self) -> AsyncIterator[bytes]:
@@ -197,10 +189,10 @@ class _Connection(asyncio.Protocol):
         self._read_timeout_s = 0.0
         self._deadline = 0.0
 
-    async def exchange(
+    def start(
         self, head: bytes, body: bytes, *, head_only: bool, read_timeout_s: float, deadline: float
     ) -> Http1Response:
-        """Send one request and wait for its response's status and headers."""
+        """Send one request; its response's status and headers are yet to come."""
         transport = self.transport
         assert transport is not None
         response = self.response = Http1Response(self)
@@ -214,11 +206,6 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body)
         else:
             transport.writelines((head, body))
-        try:
-            await response._wait_for_headers()
-        except BaseException:
-            self.close()
-            raise
         return response
 
     def drained(self) -> None:
@@ -407,7 +394,7 @@ class Http1Transport:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def send(
+    def send(
         self,
         method: str,
         url: str,
@@ -415,32 +402,52 @@ class Http1Transport:
         body: bytes,
         *,
         timeout_s: float | None = None,
-    ) -> Http1Response:
+    ) -> Coroutine[Any, Any, Http1Response]:
         """Send the request; `url` is already percent-encoded and is sent as is.
-        `timeout_s` bounds the whole exchange, headers and body."""
+        `timeout_s` bounds the whole exchange, headers and body. The request's head
+        is built here and only it is kept while the response is awaited, not the
+        URL and header list it came from."""
         origin, target = self._split(url)
         head = _request_head(method, target, origin.host_header, headers, body)
+        return self._exchange(method, origin, head, body, timeout_s)
+
+    async def _exchange(
+        self, method: str, origin: Origin, head: bytes, body: bytes, timeout_s: float | None
+    ) -> Http1Response:
         loop = self.loop
         deadline = loop.time() + timeout_s if timeout_s is not None else 0.0
         read_timeout_s = self._read_timeout_s if timeout_s is None else timeout_s
         head_only = method == "HEAD"
         connection = self._take_idle(origin)
-        if connection is not None:
+        # A pooled connection the upstream dropped while idle is replaced once, for
+        # a method safe to send twice.
+        retry = connection is not None and method in _IDEMPOTENT
+        if connection is None:
+            connection = await self._connect(origin, deadline)
+        while True:
+            response = connection.start(
+                head, body, head_only=head_only, read_timeout_s=read_timeout_s, deadline=deadline
+            )
             try:
-                return await connection.exchange(
-                    head,
-                    body,
-                    head_only=head_only,
-                    read_timeout_s=read_timeout_s,
-                    deadline=deadline,
-                )
+                # Waited for here, not in a method of the connection's: the frames
+                # below the relay stay alive until the first byte, which for a model
+                # can take many seconds.
+                while not response.status:
+                    if response._error is not None:
+                        raise response._error
+                    waiter = response._waiter = loop.create_future()
+                    with contextlib.suppress(StopAsyncIteration):
+                        await waiter
             except _ClosedEarly:
-                if method not in _IDEMPOTENT:
+                if not retry:
                     raise
-        connection = await self._connect(origin, deadline)
-        return await connection.exchange(
-            head, body, head_only=head_only, read_timeout_s=read_timeout_s, deadline=deadline
-        )
+                retry = False
+                connection = await self._connect(origin, deadline)
+                continue
+            except BaseException:
+                connection.close()
+                raise
+            return response
 
     async def close(self) -> None:
         for timer in (self._sweeper, self._watchdog):

@@ -126,7 +126,18 @@ class Exchange:
         "path",
         "provider",
         "queue_ms",
+        "sent_at",
         "started",
+        "status",
+        "upstream_ms",
+    )
+    _LOGGED = (
+        "bytes",
+        "conversation_id",
+        "method",
+        "path",
+        "provider",
+        "queue_ms",
         "status",
         "upstream_ms",
     )
@@ -141,9 +152,10 @@ class Exchange:
         self.bytes = 0
         self.conversation_id: str | None = None
         self.started = False
+        self.sent_at = 0.0  # perf_counter() when the request went upstream
 
     def log_fields(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self.__slots__ if name != "started"}
+        return {name: getattr(self, name) for name in self._LOGGED}
 
 
 class Relay:
@@ -174,7 +186,6 @@ class Relay:
             del body
             # The stream is relayed here rather than in a method of its own: every
             # coroutine frame stays alive for as long as the stream is open.
-            streamed_from = time.perf_counter()
             size = await _start_response(send, response, provider, ex)
             finished = False
             async for chunk in response.chunks():
@@ -187,8 +198,6 @@ class Relay:
                 del chunk  # not held while waiting for the next one
             if not finished:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-            if ex.upstream_ms is not None:
-                ex.upstream_ms += round((time.perf_counter() - streamed_from) * 1000)
         except ClientGone:
             ex.status = 499
         except HTTPError as err:
@@ -209,6 +218,7 @@ class Relay:
         finally:
             if response is not None:
                 await response.aclose()
+                ex.upstream_ms = round((time.perf_counter() - ex.sent_at) * 1000)
             if watch is not None:
                 watch.close()
             if slot is not None:
@@ -261,22 +271,20 @@ class Relay:
             provider.observe_queue_wait(queued_s)
             return slot, response
 
-    async def _open(
+    def _open(
         self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
-    ) -> UpstreamResponse:
-        provider = route.provider
-        upstream = provider.upstream
-        sent = time.perf_counter()
-        response = await upstream.send(
+    ) -> Awaitable[UpstreamResponse]:
+        """Send the request upstream; awaiting the result gives the response once its
+        headers arrive. Not a coroutine: a frame of its own would stay alive until
+        the first byte, which for a model can take many seconds."""
+        upstream = route.provider.upstream
+        ex.sent_at = time.perf_counter()
+        return upstream.send(
             scope["method"],
             upstream.url(route.raw_path, scope.get("query_string", b"")),
             upstream.request_headers(scope["headers"]),
             body,
         )
-        ttfb = time.perf_counter() - sent
-        provider.observe_ttfb(ttfb)
-        ex.upstream_ms = round(ttfb * 1000)
-        return response
 
 
 async def _start_response(
@@ -285,6 +293,7 @@ async def _start_response(
     """Send the status and headers; the body's length if the upstream declared it,
     else -1. The upstream's header list is emptied once forwarded: an open stream
     should not hold on to it."""
+    provider.observe_ttfb(time.perf_counter() - ex.sent_at)
     headers = []
     length = -1
     for name, value in response.raw_headers:

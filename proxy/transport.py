@@ -13,7 +13,7 @@ here, once, with `raise ... from exc`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Protocol
 
 import httpx
@@ -42,7 +42,7 @@ class UpstreamResponse(Protocol):
 
 
 class Transport(Protocol):
-    async def send(
+    def send(
         self,
         method: str,
         url: str,
@@ -50,7 +50,7 @@ class Transport(Protocol):
         body: bytes,
         *,
         timeout_s: float | None = None,
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
         """Send the request; `url` is already percent-encoded and is sent as is."""
         ...
 

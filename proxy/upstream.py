@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Awaitable
 
 import httpx
 
@@ -84,12 +85,13 @@ class Upstream:
             forwarded.append((b"authorization", self._auth))
         return forwarded
 
-    async def send(
+    def send(
         self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> UpstreamResponse:
+    ) -> Awaitable[UpstreamResponse]:
         """Send and return the response with its body not yet read (the caller
-        streams it and must close it). Raises UpstreamError."""
-        return await self.transport.send(method, url, headers, body)
+        streams it and must close it). Raises UpstreamError. Not a coroutine of its
+        own: the transport's is awaited directly, one frame less per request."""
+        return self.transport.send(method, url, headers, body)
 
     async def poll_usage(self) -> int | None:
         """`usage.concurrent_sessions` from `GET {base_url}/usage`, or None for
