@@ -131,16 +131,7 @@ class Exchange:
         "status",
         "upstream_ms",
     )
-    _LOGGED = (
-        "bytes",
-        "conversation_id",
-        "method",
-        "path",
-        "provider",
-        "queue_ms",
-        "status",
-        "upstream_ms",
-    )
+    _LOGGED = tuple(name for name in __slots__ if name not in ("sent_at", "started"))
 
     def __init__(self, provider: str, method: str, path: str) -> None:
         self.provider = provider

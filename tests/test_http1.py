@@ -23,7 +23,7 @@ from typing import Protocol
 import pytest
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.http1 import Http1Transport
+from proxy.http1 import Http1Response, Http1Transport
 from tests.certs import make_certificates
 from tests.servers import free_port
 from tests.waiting import eventually
@@ -1080,14 +1080,11 @@ async def test_timeout_s_bounds_a_trickling_body(
 # --- flow control ----------------------------------------------------------------------------
 
 
-async def test_a_reader_that_stops_stops_the_server(
-    transport: Http1Transport, serve: Serve
-) -> None:
-    """A stalled agent must not make the proxy buffer a whole response: the client
-    stops reading the socket, so the bytes back up on the server's side."""
-    block = bytes(range(256)) * 256  # 64 KiB
-    body = b"".join(i.to_bytes(4, "big") + block[4:] for i in range(1024))  # 64 MiB
-    assert len(body) == 64 * MiB
+async def open_big_body(
+    transport: Http1Transport, serve: Serve, body: bytes
+) -> tuple[Http1Response, AsyncIterator[bytes], bytes, asyncio.WriteTransport]:
+    """A server that writes `body` in one go; the response, its stream, the first
+    piece read and the server's side of the connection."""
 
     async def handle(peer: Peer) -> None:
         await peer.request()
@@ -1100,15 +1097,32 @@ async def test_a_reader_that_stops_stops_the_server(
     response = await transport.send("GET", server.url("/big"), [], b"")
     stream = response.chunks()
     first = await anext(stream)
-    assert first == body[: len(first)]
-    server_side = server.peers[0].writer.transport
+    return response, stream, first, server.peers[0].writer.transport
+
+
+async def stalled_on_the_server(server_side: asyncio.WriteTransport, over: int) -> None:
+    """Until more than `over` bytes sit unsent on the server's side, unchanged over
+    three looks: the client has stopped reading."""
     samples: list[int] = []
 
-    def stalled_with_most_of_the_body_on_the_server() -> bool:
+    def stalled() -> bool:
         samples.append(server_side.get_write_buffer_size())
-        return len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3] > 16 * MiB
+        return len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3] > over
 
-    await eventually(stalled_with_most_of_the_body_on_the_server, within=5)
+    await eventually(stalled, within=5)
+
+
+async def test_a_reader_that_stops_stops_the_server(
+    transport: Http1Transport, serve: Serve
+) -> None:
+    """A stalled agent must not make the proxy buffer a whole response: the client
+    stops reading the socket, so the bytes back up on the server's side."""
+    block = bytes(range(256)) * 256  # 64 KiB
+    body = b"".join(i.to_bytes(4, "big") + block[4:] for i in range(1024))  # 64 MiB
+    assert len(body) == 64 * MiB
+    response, stream, first, server_side = await open_big_body(transport, serve, body)
+    assert first == body[: len(first)]
+    await stalled_on_the_server(server_side, over=16 * MiB)
     assert response.buffered <= MiB
     offset = len(first)
     async for chunk in stream:
@@ -1126,26 +1140,8 @@ async def test_a_paused_reader_is_not_taken_for_a_silent_upstream(
     bytes arrive, but the upstream is not silent: the read timeout must not fire."""
     transport = make_transport(read_timeout_s=0.3)
     body = b"".join(i.to_bytes(4, "big") * 2048 for i in range(4096))  # 32 MiB
-
-    async def handle(peer: Peer) -> None:
-        await peer.request()
-        peer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
-        peer.write(body)
-        await peer.writer.drain()
-        await wait_for_close(peer)
-
-    server = await serve(handle)
-    response = await transport.send("GET", server.url("/big"), [], b"")
-    stream = response.chunks()
-    first = await anext(stream)
-    server_side = server.peers[0].writer.transport
-    samples: list[int] = []
-
-    def stalled() -> bool:
-        samples.append(server_side.get_write_buffer_size())
-        return len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3] > 8 * MiB
-
-    await eventually(stalled, within=5)
+    response, stream, first, server_side = await open_big_body(transport, serve, body)
+    await stalled_on_the_server(server_side, over=8 * MiB)
     await asyncio.sleep(1.0)  # the agent dawdles: over three read timeouts, reading paused
     received = [first]
     await collect(stream, received)
