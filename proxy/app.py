@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
@@ -123,7 +123,3 @@ class Sluice:
 
     def provider(self, provider_id: str) -> Provider | None:
         return self.providers.get(provider_id)
-
-
-def create_app(settings: Settings, **kwargs: Any) -> Sluice:
-    return Sluice(settings, **kwargs)

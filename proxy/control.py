@@ -75,33 +75,41 @@ class Control:
         kind = "limit_set" if limit is not None else "limit_removed"
         detail = f"limit set to {limit} by the admin API" if limit else "limit removed"
         event = Event(now_ms(), provider.id, kind, detail)
-        if provider.admission.shared:
-            # Cluster mode: the durable value is Redis's; this replica journals the event.
-            await provider.admission.set_limit(limit)
-            self._later(lambda: self.store.add_event(event))
-        else:
-
-            async def write() -> None:
-                await self.store.save_limit(provider.id, override, event)
-                await provider.admission.set_limit(limit)  # applied the moment it is durable
-
-            await self._in_order(write)
+        await self._admin_write(
+            provider,
+            event,
+            save=lambda: self.store.save_limit(provider.id, override, event),
+            apply=lambda: provider.admission.set_limit(limit),
+        )
         log.info(kind, provider=provider.id, limit=limit)
 
     async def set_cooldown(self, provider: Provider, cooldown_ms: int) -> None:
         override = CooldownOverride(cooldown_ms, provider.config.cooldown_ms)
         event = Event(now_ms(), provider.id, "cooldown_set", f"cooldown set to {cooldown_ms} ms")
-        if provider.admission.shared:
-            await provider.admission.set_cooldown_ms(cooldown_ms)
-            self._later(lambda: self.store.add_event(event))
-        else:
-
-            async def write() -> None:
-                await self.store.save_cooldown(provider.id, override, event)
-                await provider.admission.set_cooldown_ms(cooldown_ms)
-
-            await self._in_order(write)
+        await self._admin_write(
+            provider,
+            event,
+            save=lambda: self.store.save_cooldown(provider.id, override, event),
+            apply=lambda: provider.admission.set_cooldown_ms(cooldown_ms),
+        )
         log.info("cooldown_set", provider=provider.id, cooldown_ms=cooldown_ms)
+
+    async def _admin_write(
+        self, provider: Provider, event: Event, *, save: Job, apply: Job
+    ) -> None:
+        """`save` (which journals `event`) in order with every other write, then
+        `apply` the moment it is durable. In cluster mode `apply` is the durable
+        write (Redis) and this replica only journals the event."""
+        if provider.admission.shared:
+            await apply()
+            self._later(lambda: self.store.add_event(event))
+            return
+
+        async def write() -> None:
+            await save()
+            await apply()
+
+        await self._in_order(write)
 
     # ------------------------------------------------------- limiter's own changes
 

@@ -17,7 +17,6 @@ here, with `raise ... from exc`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import ssl
 from collections.abc import AsyncIterator, Coroutine
@@ -27,8 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-
-Headers = list[tuple[bytes, bytes]]
+from proxy.transport import Headers
 
 HIGH_WATER = 256 * 1024
 """Unread body bytes past which the connection stops reading from the upstream, so a
@@ -128,7 +126,7 @@ class Http1Response:
     def __anext__(self) -> asyncio.Future[bytes]:
         future = self._waiter = asyncio.get_running_loop().create_future()
         if pending := self._pending:
-            future.set_result(pending[0] if len(pending) == 1 else b"".join(pending))
+            future.set_result(b"".join(pending))  # one piece: that very object
             pending.clear()
             self.buffered = 0
             if (connection := self._connection) is not None:
@@ -435,9 +433,8 @@ class Http1Transport:
                 while not response.status:
                     if response._error is not None:
                         raise response._error
-                    waiter = response._waiter = loop.create_future()
-                    with contextlib.suppress(StopAsyncIteration):
-                        await waiter
+                    response._waiter = loop.create_future()
+                    await response._waiter
             except _ClosedEarly:
                 if not retry:
                     raise

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import httpx
 
 from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus, Policy
-from proxy.admission.aio import admit
+from proxy.admission.aio import UsagePolls, admit
 from proxy.admission.limiter import Permit, Rejection
 from proxy.settings import ProviderConfig
 from proxy.store import ProviderOverrides
@@ -226,8 +226,7 @@ class Provider:
         self.observe_ttfb: Callable[[float], None] = _ignore
         self.admitted_paths = frozenset(path.rstrip("/") for path in config.admitted_paths)
         self.upstream = Upstream(config, transport=transport, ca_bundle=ca_bundle)
-        self._loop = loop
-        self._polls: set[asyncio.Task[None]] = set()
+        self._polls = UsagePolls(loop, self.upstream.poll_usage)
         self._on_event = on_event
         self.admission: Admission
         if cluster is not None:
@@ -243,20 +242,10 @@ class Provider:
             return
         limiter = Limiter(
             config.id,
-            Policy(
-                limit=config.limit,
-                cooldown_ms=config.cooldown_ms,
-                slot_timeout_s=config.slot_timeout_s,
-                watchdog_interval_s=config.watchdog_interval_s,
-                pause_s=config.pause_s,
-                usage_poll_interval_ms=config.usage_poll_interval_ms,
-                queue_timeout_s=config.queue_timeout_s,
-                max_queue=config.max_queue,
-                usage_gate=config.usage_gate,
-            ),
+            policy_for(config),
             clock=loop.time,
             scheduler=loop.call_later,
-            poll_usage=self._poll_usage,
+            poll_usage=self._polls,
             on_event=self._event,
         )
         self.admission = LocalAdmission(config, limiter)
@@ -269,25 +258,25 @@ class Provider:
         if self._on_event is not None:
             self._on_event(self, event)
 
-    def _poll_usage(self, done: Callable[[int | None], None]) -> None:
-        async def poll() -> None:
-            try:
-                sessions = await self.upstream.poll_usage()
-            except Exception:
-                # Answer even when the poll failed in a way nobody foresaw: a poll
-                # that never answers would block the usage gate for good.
-                sessions = None
-            done(sessions)
-
-        task = self._loop.create_task(poll())
-        self._polls.add(task)  # keep a reference until it finishes
-        task.add_done_callback(self._polls.discard)
-
     async def close(self) -> None:
         await self.admission.close()
-        for task in list(self._polls):
-            task.cancel()
+        self._polls.cancel()
         await self.upstream.close()
+
+
+def policy_for(config: ProviderConfig) -> Policy:
+    """The admission policy a provider's config asks for."""
+    return Policy(
+        limit=config.limit,
+        cooldown_ms=config.cooldown_ms,
+        slot_timeout_s=config.slot_timeout_s,
+        watchdog_interval_s=config.watchdog_interval_s,
+        pause_s=config.pause_s,
+        usage_poll_interval_ms=config.usage_poll_interval_ms,
+        queue_timeout_s=config.queue_timeout_s,
+        max_queue=config.max_queue,
+        usage_gate=config.usage_gate,
+    )
 
 
 def _ignore(_: float) -> None:

@@ -33,7 +33,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_DROP_RESPONSE = HOP_BY_HOP
 log = structlog.get_logger("sluice")
 access_log = structlog.get_logger("sluice.access")
 _access_enabled = logging.getLogger("sluice.access").isEnabledFor
@@ -106,7 +105,7 @@ async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes
                 raise BodyTooLarge(f"request body is over the {limit}-byte limit")
             chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)  # one chunk: that very object
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -289,7 +288,7 @@ async def _start_response(
     length = -1
     for name, value in response.raw_headers:
         name = name.lower()
-        if name not in _DROP_RESPONSE:
+        if name not in HOP_BY_HOP:
             headers.append((name, value))
             if name == b"content-length" and value.isdigit():
                 length = int(value)

@@ -260,18 +260,16 @@ class ClusterAdmission:
         slot.released = True
         self._held.pop(slot.lease_id, None)
         pause_ms = round(delay * 1000)
-        try:
-            reply = await self._call(
-                lambda: self._scripts.rate_limited(
-                    slot.lease_id,
-                    slot.epoch,
-                    pause_ms,
-                    gated=self.config.usage_gate,
-                    poll_lock_ms=self._poll_lock_ms,
-                )
+        reply = await self._try(
+            lambda: self._scripts.rate_limited(
+                slot.lease_id,
+                slot.epoch,
+                pause_ms,
+                gated=self.config.usage_gate,
+                poll_lock_ms=self._poll_lock_ms,
             )
-        except RedisDown as exc:
-            self._hub.down(exc)
+        )
+        if reply is None:
             return
         extended, reduced, before = reply.detail.split()
         if extended == "1":
@@ -495,20 +493,18 @@ class ClusterAdmission:
 
     async def _enqueue(self, waiter: _Waiter, attach_id: str) -> None:
         tie = self._ties.get(waiter.seq, "")
-        try:
-            reply = await self._call(
-                lambda: self._scripts.admit(
-                    waiter.prompt,
-                    tie,
-                    attach_id,
-                    max_queue=self.config.max_queue,
-                    gated=self.config.usage_gate,
-                    poll_lock_ms=self._poll_lock_ms,
-                )
+        reply = await self._try(
+            lambda: self._scripts.admit(
+                waiter.prompt,
+                tie,
+                attach_id,
+                max_queue=self.config.max_queue,
+                gated=self.config.usage_gate,
+                poll_lock_ms=self._poll_lock_ms,
             )
-        except RedisDown as exc:
-            self._hub.down(exc)  # moves this waiter (still registered) to the local share
-            return
+        )
+        if reply is None:
+            return  # the fallback took this waiter (still registered) into the local share
         member = reply.detail
         self._remember_tie(waiter.seq, member)
         registered = self._waiting.get(attach_id) is waiter
@@ -569,16 +565,13 @@ class ClusterAdmission:
         # drops it; the slot already counts nowhere else.
 
     async def _release_shared(self, lease_id: str) -> None:
-        try:
-            reply = await self._call(
-                lambda: self._scripts.release(
-                    lease_id, gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
-                )
+        reply = await self._try(
+            lambda: self._scripts.release(
+                lease_id, gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
             )
-        except RedisDown as exc:
-            self._hub.down(exc)
-            return
-        self._on_reply(reply)
+        )
+        if reply is not None:
+            self._on_reply(reply)
 
     def _cancel(self, waiter: _Waiter) -> None:
         """The `admit()` call ended without taking its outcome (client gone)."""
@@ -607,16 +600,13 @@ class ClusterAdmission:
             waiter.attach_id = waiter.member = None
 
     async def _leave(self, member: str) -> None:
-        try:
-            reply = await self._call(
-                lambda: self._scripts.leave(
-                    member, gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
-                )
+        reply = await self._try(
+            lambda: self._scripts.leave(
+                member, gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
             )
-        except RedisDown as exc:
-            self._hub.down(exc)
-            return
-        self._on_reply(reply)
+        )
+        if reply is not None:
+            self._on_reply(reply)
 
     def _attach_local(self, waiter: _Waiter, local: LocalShare) -> None:
         def on_done(outcome: Permit | Rejection) -> None:
@@ -727,14 +717,12 @@ class ClusterAdmission:
                 self._pump_again = False
                 if self._fallback is not None or not self._waiting:
                     return
-                try:
-                    reply = await self._call(
-                        lambda: self._scripts.pump(
-                            gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
-                        )
+                reply = await self._try(
+                    lambda: self._scripts.pump(
+                        gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
                     )
-                except RedisDown as exc:
-                    self._hub.down(exc)
+                )
+                if reply is None:
                     return
                 self._on_reply(reply)
                 if not self._pump_again:
@@ -752,20 +740,18 @@ class ClusterAdmission:
     async def _poll(self) -> None:
         try:
             sessions = await self._poll_usage()
-            try:
-                reply = await self._call(
-                    lambda: self._scripts.usage(
-                        sessions,
-                        interval_ms=self.config.usage_poll_interval_ms,
-                        gated=self.config.usage_gate,
-                        poll_lock_ms=self._poll_lock_ms,
-                    )
+            reply = await self._try(
+                lambda: self._scripts.usage(
+                    sessions,
+                    interval_ms=self.config.usage_poll_interval_ms,
+                    gated=self.config.usage_gate,
+                    poll_lock_ms=self._poll_lock_ms,
                 )
-            except RedisDown as exc:
-                self._hub.down(exc)
-                return
+            )
         finally:
             self._polling = False
+        if reply is None:
+            return
         c = self._counters
         if reply.kind == "room":
             c.usage_polls_room += 1
@@ -793,6 +779,15 @@ class ClusterAdmission:
         except NoState:
             await self._reseed()
             return await call()
+
+    async def _try(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`_call` where Redis being unreachable only means falling back: the hub is
+        told (it moves this replica to its local share) and None comes back."""
+        try:
+            return await self._call(call)
+        except RedisDown as exc:
+            self._hub.down(exc)
+            return None
 
     async def _reseed(self) -> None:
         _, state, replicas = await self._scripts.rejoin(

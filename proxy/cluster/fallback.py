@@ -10,12 +10,15 @@ request is admitted until the replica is back under its share).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from proxy.admission import Limiter, LimiterEvent, Permit, Policy, Rejection, Waiter
+from proxy.admission import Limiter, LimiterEvent, Permit, Rejection, Waiter
+from proxy.admission.aio import UsagePolls
+from proxy.providers import policy_for
 from proxy.settings import ProviderConfig
 
 NEVER_S: Final = 10.0**9
@@ -46,26 +49,16 @@ class LocalShare:
         on_event: Callable[[LimiterEvent], None],
     ) -> None:
         self.share = share
-        self._loop = loop
-        self._poll = poll_usage
-        self._polls: set[asyncio.Task[None]] = set()
+        self._polls = UsagePolls(loop, poll_usage)
         self._holds = itertools.count(-1, -1)  # seqs for held slots, never a request's
         self.limiter = Limiter(
             config.id,
-            Policy(
-                limit=share,
-                cooldown_ms=cooldown_ms,
-                slot_timeout_s=config.slot_timeout_s,
-                watchdog_interval_s=config.watchdog_interval_s,
-                pause_s=config.pause_s,
-                usage_poll_interval_ms=config.usage_poll_interval_ms,
-                queue_timeout_s=NEVER_S,
-                max_queue=config.max_queue,
-                usage_gate=config.usage_gate,
+            dataclasses.replace(
+                policy_for(config), limit=share, cooldown_ms=cooldown_ms, queue_timeout_s=NEVER_S
             ),
             clock=loop.time,
             scheduler=loop.call_later,
-            poll_usage=self._poll_usage,
+            poll_usage=self._polls,
             on_event=on_event,
         )
 
@@ -88,18 +81,9 @@ class LocalShare:
             prompt_started_at, on_done, conversation_id=conversation_id, seq=seq
         )
 
-    def _poll_usage(self, done: Callable[[int | None], None]) -> None:
-        async def poll() -> None:
-            done(await self._poll())
-
-        task = self._loop.create_task(poll())
-        self._polls.add(task)
-        task.add_done_callback(self._polls.discard)
-
     def close(self) -> None:
         self.limiter.close()
-        for task in list(self._polls):
-            task.cancel()
+        self._polls.cancel()
 
 
 def release_local(ticket: Permit | Waiter | None) -> None:
