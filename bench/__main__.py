@@ -24,19 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.process import ROOT, Process, free_port, python, start
 from bench.targets import (
     LOAD_CORE,
     PROXY_CORE,
-    ROOT,
     Placement,
-    Process,
     TargetSpec,
-    free_port,
     machine,
     pin_self,
     placement,
-    python,
-    start,
     start_target,
     wait_idle,
 )
@@ -392,22 +388,17 @@ def _admission(place: Placement, profile: Profile) -> dict[str, Any]:
     command = place.prefix(PROXY_CORE) + python("bench.admission")
     if profile is QUICK:
         command.append("--quick")
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if done.returncode != 0:
-        return {"error": " | ".join(done.stderr.strip().splitlines()[-3:])}
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    return _json_of(command, timeout=600)
 
 
 def _memory() -> dict[str, Any]:
     """bench/memory.py's breakdown, in a process of its own (it pins itself)."""
-    done = subprocess.run(
-        python("bench.memory", "--streams", "256"),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    return _json_of(python("bench.memory", "--streams", "256"), timeout=300)
+
+
+def _json_of(command: list[str], *, timeout: float) -> dict[str, Any]:
+    """What `command` prints (one JSON object), or {"error": its last words}."""
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     if done.returncode != 0:
         return {"error": " | ".join(done.stderr.strip().splitlines()[-3:])}
     result: dict[str, Any] = json.loads(done.stdout)

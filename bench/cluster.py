@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.targets import ROOT, Process, free_port, python, start
+from bench.process import ROOT, Process, free_port, python, start
+from bench.targets import sluice_config
 
 LIMIT = 10_000
 """High enough that no request ever waits: the figures are the admission's cost."""
@@ -71,23 +72,10 @@ def redis_server(work: Path) -> Iterator[str]:
 
 def config(path: Path, port: int, upstream_port: int, redis_url: str) -> Path:
     cluster = f'\n[cluster]\nredis_url = "{redis_url}"\n' if redis_url else ""
-    path.write_text(
-        f"""[server]
-host = "127.0.0.1"
-port = {port}
-database = "{path.with_suffix(".db")}"
-log_level = "warning"
-
-[admission]
-cooldown_ms = 0
-
-[[providers]]
-id = "bench"
-base_url = "http://127.0.0.1:{upstream_port}/v1"
-limit = {LIMIT}
-{cluster}"""
+    admission = "\n[admission]\ncooldown_ms = 0\n"
+    return sluice_config(
+        path, port, upstream_port, log_level="warning", limit=LIMIT, more=admission + cluster
     )
-    return path
 
 
 def loadgen(*args: str) -> dict[str, Any]:

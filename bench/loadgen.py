@@ -212,6 +212,19 @@ def ms(values_ns: Sequence[int], q: float) -> float:
     return percentile(values_ns, q) / 1e6
 
 
+def delays(ttfb: Sequence[int], relay: Sequence[int], behind: Sequence[int]) -> dict[str, float]:
+    """p50 and p99 in ms of the streams' times to first chunk, relay delays and lags
+    behind the upstream's schedule."""
+    return {
+        "ttfb_p50_ms": ms(ttfb, 50),
+        "ttfb_p99_ms": ms(ttfb, 99),
+        "relay_p50_ms": ms(relay, 50),
+        "relay_p99_ms": ms(relay, 99),
+        "behind_p50_ms": ms(behind, 50),
+        "behind_p99_ms": ms(behind, 99),
+    }
+
+
 class ProcWatch:
     """CPU seconds and RSS of other processes, read from /proc."""
 
@@ -394,12 +407,7 @@ async def phase_stream(
     return {
         "streams": n,
         "failed": failed,
-        "ttfb_p50_ms": ms(ttfb, 50),
-        "ttfb_p99_ms": ms(ttfb, 99),
-        "relay_p50_ms": ms(relay, 50),
-        "relay_p99_ms": ms(relay, 99),
-        "behind_p50_ms": ms(behind, 50),
-        "behind_p99_ms": ms(behind, 99),
+        **delays(ttfb, relay, behind),
         **usage,
     }
 
@@ -522,12 +530,7 @@ async def phase_streams(
         "streams": n,
         **outcomes,
         "errors": errors,
-        "ttfb_p50_ms": ms(ttfb, 50),
-        "ttfb_p99_ms": ms(ttfb, 99),
-        "relay_p50_ms": ms(relay, 50),
-        "relay_p99_ms": ms(relay, 99),
-        "behind_p50_ms": ms(behind, 50),
-        "behind_p99_ms": ms(behind, 99),
+        **delays(ttfb, relay, behind),
         "behind_max_ms": max(behind) / 1e6 if behind else float("nan"),
         "steady_chunks": len(steady),
         "steady_p50_ms": ms(steady, 50),

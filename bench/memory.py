@@ -30,16 +30,8 @@ from typing import Any
 import uvloop
 
 from bench.loadgen import phase_streams
-from bench.targets import (
-    LOAD_CORE,
-    PROXY_CORE,
-    free_port,
-    pin_self,
-    placement,
-    python,
-    sluice_config,
-    start,
-)
+from bench.process import free_port, python, start
+from bench.targets import LOAD_CORE, PROXY_CORE, pin_self, placement, sluice_config
 from bench.upstream import raise_fd_limit
 
 OWNERS = (("sluice", f"{os.sep}proxy{os.sep}"), ("uvicorn", f"{os.sep}uvicorn{os.sep}"))
@@ -74,7 +66,10 @@ def serve(argv: list[str]) -> int:
     def snapshot(signum: int, frame: object) -> None:
         snapshots.append(tracemalloc.take_snapshot())
         if len(snapshots) == 2:
-            out.write_text(json.dumps(breakdown(snapshots[0], snapshots[1], streams)))
+            # Written whole, then renamed: the driver waits for the file to appear.
+            partial = out.with_suffix(".partial")
+            partial.write_text(json.dumps(breakdown(snapshots[0], snapshots[1], streams)))
+            partial.rename(out)
 
     signal.signal(signal.SIGUSR1, snapshot)
     from proxy.cli import main
@@ -137,16 +132,22 @@ def profile(streams: int, chunks: int = 100, interval_ms: int = 50) -> dict[str,
         )
         out = work / "memory.json"
         config = sluice_config(work / "sluice.toml", port, up_port, log_level="warning", limit=None)
-        os.environ["BENCH_MEMORY_OUT"] = str(out)
-        os.environ["BENCH_MEMORY_STREAMS"] = str(streams)
-        proxy = start(
-            "sluice-traced",
-            place.prefix(PROXY_CORE) + python("bench.memory", "serve", "--config", str(config)),
-            port,
-            work,
-        )
         try:
-            snap = lambda: os.kill(proxy.pid, signal.SIGUSR1)  # noqa: E731
+            proxy = start(
+                "sluice-traced",
+                place.prefix(PROXY_CORE) + python("bench.memory", "serve", "--config", str(config)),
+                port,
+                work,
+                env={"BENCH_MEMORY_OUT": str(out), "BENCH_MEMORY_STREAMS": str(streams)},
+            )
+        except BaseException:
+            upstream.stop()
+            raise
+
+        def snap() -> None:
+            os.kill(proxy.pid, signal.SIGUSR1)
+
+        try:
             load = uvloop.run(
                 phase_streams(
                     "127.0.0.1", port, streams, chunks, interval_ms, 15.0, 5, None, [],

@@ -47,8 +47,8 @@ class Run:
 
     def get(self, target: str, phase: str, name: str) -> Value:
         """A numeric figure, or None when the target, phase or figure is missing."""
-        result = self.targets.get(target, {}).get(phase)
-        if not isinstance(result, dict) or "error" in result:
+        result = self.phase(target, phase)
+        if result is None:
             return None
         value = result.get(name)
         if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
@@ -56,6 +56,7 @@ class Run:
         return float(value)
 
     def phase(self, target: str, phase: str) -> dict[str, Any] | None:
+        """A phase's results, or None when it is missing or failed."""
         result = self.targets.get(target, {}).get(phase)
         if not isinstance(result, dict) or "error" in result:
             return None
@@ -455,9 +456,9 @@ def checks(run: Run) -> list[Check]:
     return out
 
 
-def checks_table(run: Run) -> str:
+def checks_table(found: list[Check]) -> str:
     lines = ["| target (issue 6) | measured (sluice) | result |", "|---|---|---|"]
-    for check in checks(run):
+    for check in found:
         if check.passed is None:
             verdict = "NOT MEASURED"
         elif check.passed:
@@ -502,7 +503,7 @@ def render(run: Run) -> str:
         "",
         admission_table(run),
         "",
-        checks_table(run),
+        checks_table(checks(run)),
     ]
     problems = errors(run)
     if problems:
@@ -518,9 +519,10 @@ def render(run: Run) -> str:
 def results_markdown(run: Run) -> str:
     m = run.machine
     p = run.params
-    passed = [c for c in checks(run) if c.passed]
-    failed = [c for c in checks(run) if c.passed is False]
-    summary = f"{len(passed)} of {len(checks(run))} targets met"
+    found = checks(run)
+    passed = [c for c in found if c.passed]
+    failed = [c for c in found if c.passed is False]
+    summary = f"{len(passed)} of {len(found)} targets met"
     if failed:
         summary += "; short: " + "; ".join(f"{c.target} ({c.gap})" for c in failed)
     problems = errors(run)
@@ -543,7 +545,7 @@ def results_markdown(run: Run) -> str:
         "",
         f"**{summary}.**",
         "",
-        checks_table(run),
+        checks_table(found),
         "",
         "## Figures",
         "",

@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import json
 import random
-import signal
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -41,17 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/soak.py`
     sys.path.insert(0, str(ROOT))
 
-from bench.targets import free_port  # noqa: E402
-from proxy.sim import MALFORMED_JSON, MALFORMED_SSE, expected_content  # noqa: E402
-
-FAULT_RATES = "reset=0.03,cut=0.04,stall=0.02,500=0.02,502=0.02,503=0.02,429=0.01,malformed=0.03"
-TOKENS = 6
-TOKEN_DELAY_MS = 5
-LONG_TOKENS = 40
-STALL_S = 2.0
-USAGE_LAG_MS = 30
-STATUSES = frozenset({200, 429, 500, 502, 503, 504})
-UNHANDLED = ("Traceback", "Exception in ASGI application", "Task exception was never retrieved")
+from bench import chaos  # noqa: E402
+from bench.loadgen import ProcWatch  # noqa: E402
+from bench.process import Process, free_port, python, start  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -78,31 +66,6 @@ class Plan:
 
 
 @dataclass
-class Tally:
-    sent: int = 0
-    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
-    transport_errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    abandoned: collections.Counter[str] = field(default_factory=collections.Counter)
-    hung: int = 0
-    corrupted: list[str] = field(default_factory=list)
-    slowest_s: float = 0.0
-    max_upstream: int = 0
-    max_in_flight: int = 0
-    max_queued: int = 0
-    limit_restores: int = 0
-    faults: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def without_response(self) -> int:
-        ended = (
-            sum(self.statuses.values())
-            + sum(self.transport_errors.values())
-            + sum(self.abandoned.values())
-        )
-        return self.sent - ended
-
-
-@dataclass
 class Sample:
     at_s: float
     rss_mb: float
@@ -116,80 +79,29 @@ class Sample:
 # --- processes ------------------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def start(args: list[str], port: int, log_path: Path) -> Process:
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-    process = Process(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"`sluice {args[0]}` exited with {proc.returncode}:\n{process.log()}"
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(process.url + "/healthz", timeout=1).status_code == 200:
-                return process
-        time.sleep(0.05)
-    process.stop()
-    raise RuntimeError(f"`sluice {args[0]}` did not become ready:\n{process.log()}")
-
-
 @contextlib.contextmanager
 def servers(plan: Plan, workdir: Path) -> Iterator[tuple[Process, Process]]:
     sim_port, proxy_port = free_port(), free_port()
-    sim_args = ["sim", "--port", str(sim_port), "--tokens", str(TOKENS)]
-    sim_args += ["--token-delay-ms", str(TOKEN_DELAY_MS), "--usage-lag-ms", str(USAGE_LAG_MS)]
-    sim_args += ["--retry-after-s", "1", "--fault-rate", plan.faults, "--stall-s", str(STALL_S)]
-    sim_args += ["--usage-fault", "flap", "--seed", str(plan.seed)]
-    sim = start(sim_args, sim_port, workdir / "sim.log")
+
+    def sluice(name: str, args: list[str], port: int) -> Process:
+        return start(
+            name, python("proxy", *args), port, workdir, stop_timeout_s=30.0, log_lines=None
+        )
+
+    sim = sluice("sim", chaos.sim_args(sim_port, faults=plan.faults, seed=plan.seed), sim_port)
     config = workdir / "sluice.toml"
     config.write_text(
-        textwrap.dedent(
-            f"""
-            [server]
-            port = {proxy_port}
-            database = "{workdir / "sluice.db"}"
-            upstream_read_timeout_s = {plan.read_timeout_s}
-
-            [admission]
-            cooldown_ms = {plan.cooldown_ms}
-            retry_on_429 = {plan.retry_on_429}
-            pause_s = 1
-
-            [[providers]]
-            id = "sim"
-            base_url = "{sim.url}/v1"
-            limit = {plan.limit}
-            usage_gate = true
-            usage_poll_interval_ms = 50
-            queue_timeout_s = {plan.queue_timeout_s}
-            """
-        )
+        "[server]\n"
+        f"port = {proxy_port}\n"
+        f'database = "{workdir / "sluice.db"}"\n'
+        f"upstream_read_timeout_s = {plan.read_timeout_s}\n"
+        "\n[admission]\n"
+        + chaos.admission_toml(cooldown_ms=plan.cooldown_ms, retry_on_429=plan.retry_on_429)
+        + "\n"
+        + chaos.provider_toml(sim.url, limit=plan.limit, queue_timeout_s=plan.queue_timeout_s)
     )
     try:
-        proxy = start(["serve", "--config", str(config)], proxy_port, workdir / "proxy.log")
+        proxy = sluice("proxy", ["serve", "--config", str(config)], proxy_port)
     except BaseException:
         sim.stop()
         raise
@@ -202,80 +114,25 @@ def servers(plan: Plan, workdir: Path) -> Iterator[tuple[Process, Process]]:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of `pid` in MB (VmRSS from /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    kib = ProcWatch.rss_kib(pid)
+    if kib < 0:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return kib / 1024
 
 
 # --- load -----------------------------------------------------------------------------------
 
 
-def check_body(status: int, stream: bool, body: bytes, tally: Tally) -> None:
-    """A 200 must carry the whole answer, or exactly the sim's malformed one."""
-    if status != 200 or body in (b"".join(MALFORMED_SSE), MALFORMED_JSON):
-        return
-    try:
-        if stream:
-            events = [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
-            if events[-1] != "[DONE]":
-                raise ValueError("no [DONE]")
-            chunks = [json.loads(event) for event in events[:-1]]
-            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        else:
-            text = json.loads(body)["choices"][0]["message"]["content"]
-        if text != expected_content(TOKENS):
-            raise ValueError("wrong content")
-    except (ValueError, KeyError, IndexError):
-        tally.corrupted.append(repr(body[:80]))
-
-
-async def one_request(
-    client: httpx.AsyncClient, url: str, rng: random.Random, plan: Plan, tally: Tally
-) -> None:
-    stream = rng.random() < 0.75
-    mode = rng.choices(["patient", "leaves waiting", "leaves streaming"], (0.88, 0.06, 0.06))[0]
-    headers = {"x-prompt-started-at": str(int(time.time() * 1000) - rng.randrange(0, 5_000))}
-    if mode == "leaves streaming":
-        stream = True
-        headers["x-sim-tokens"] = str(LONG_TOKENS)
-    got_headers = asyncio.Event()
-    body_json = {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}]}
-
-    async def exchange() -> None:
-        async with client.stream(
-            "POST", url, json={**body_json, "stream": stream}, headers=headers
-        ) as response:
-            got_headers.set()
-            if mode == "leaves streaming" and response.status_code == 200:
-                async for _ in response.aiter_raw():
-                    tally.abandoned["streaming"] += 1
-                    return
-            body = await response.aread()
-        tally.statuses[response.status_code] += 1
-        check_body(response.status_code, stream, body, tally)
-
-    started = time.monotonic()
-    tally.sent += 1
-    work = asyncio.ensure_future(exchange())
-    try:
-        async with asyncio.timeout(plan.deadline_s):
-            if mode == "leaves waiting":
-                await asyncio.wait({work}, timeout=rng.uniform(0.05, 1.5))
-                if not got_headers.is_set():
-                    work.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await work
-                    tally.abandoned["waiting"] += 1
-                    return
-            await work
-    except httpx.TransportError as exc:
-        tally.transport_errors[type(exc).__name__] += 1
-    except TimeoutError:
-        work.cancel()
-        tally.hung += 1
-    finally:
-        tally.slowest_s = max(tally.slowest_s, time.monotonic() - started)
+def take_sample(at_s: float, proxy: Process, tally: chaos.Tally, status: dict[str, Any]) -> Sample:
+    return Sample(
+        at_s=at_s,
+        rss_mb=rss_mb(proxy.pid),
+        sent=tally.sent,
+        ok=tally.statuses[200],
+        in_flight=status["inFlight"],
+        queued=status["queued"],
+        limit=status["limit"],
+    )
 
 
 async def watch(
@@ -283,7 +140,7 @@ async def watch(
     sim: Process,
     proxy: Process,
     plan: Plan,
-    tally: Tally,
+    tally: chaos.Tally,
     samples: list[Sample],
     stop: asyncio.Event,
     started: float,
@@ -292,27 +149,11 @@ async def watch(
     the proxy's RSS every `plan.sample_s`."""
     next_sample = started
     while not stop.is_set():
-        upstream = (await client.get(sim.url + "/sim/stats")).json()
-        status = (await client.get(proxy.url + "/concurrency/status/sim")).json()
-        tally.max_upstream = max(tally.max_upstream, upstream["maxInFlight"])
-        tally.max_in_flight = max(tally.max_in_flight, status["inFlight"])
-        tally.max_queued = max(tally.max_queued, status["queued"])
-        if status["autoReduced"]:
-            await client.put(proxy.url + "/concurrency/limits/sim", json={"limit": plan.limit})
-            tally.limit_restores += 1
+        status = await chaos.poll(client, proxy.url, sim.url, plan.limit, tally)
         now = time.monotonic()
         if now >= next_sample:
-            sample = Sample(
-                at_s=now - started,
-                rss_mb=rss_mb(proxy.proc.pid),
-                sent=tally.sent,
-                ok=tally.statuses[200],
-                in_flight=status["inFlight"],
-                queued=status["queued"],
-                limit=status["limit"],
-            )
-            samples.append(sample)
-            print(row(sample), flush=True)
+            samples.append(take_sample(now - started, proxy, tally, status))
+            print(row(samples[-1]), flush=True)
             next_sample += plan.sample_s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
@@ -330,8 +171,8 @@ HEADER = (
 )
 
 
-async def soak(plan: Plan, sim: Process, proxy: Process) -> tuple[Tally, list[Sample], bool]:
-    tally = Tally()
+async def soak(plan: Plan, sim: Process, proxy: Process) -> tuple[chaos.Tally, list[Sample], bool]:
+    tally = chaos.Tally()
     samples: list[Sample] = []
     rng = random.Random(plan.seed)
     url = proxy.url + "/v1/chat/completions"
@@ -350,7 +191,10 @@ async def soak(plan: Plan, sim: Process, proxy: Process) -> tuple[Tally, list[Sa
 
         async def worker() -> None:
             while time.monotonic() < end:
-                await one_request(client, url, rng, plan, tally)
+                await chaos.one_request(
+                    client, url, rng, tally, index=tally.sent, deadline_s=plan.deadline_s,
+                    prompt_age_ms=5_000,
+                )  # fmt: skip
 
         await asyncio.gather(*(worker() for _ in range(plan.clients)))
         stop.set()
@@ -358,24 +202,11 @@ async def soak(plan: Plan, sim: Process, proxy: Process) -> tuple[Tally, list[Sa
         idle = False
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not idle:
-            status = (await watcher.get(proxy.url + "/concurrency/status/sim")).json()
-            upstream = (await watcher.get(sim.url + "/sim/stats")).json()
-            idle = status["inFlight"] == 0 and status["queued"] == 0 and upstream["inFlight"] == 0
+            idle = await chaos.idle(watcher, proxy.url, sim.url)
             await asyncio.sleep(0.1)
-        final = (await watcher.get(sim.url + "/sim/stats")).json()
-        tally.max_upstream = max(tally.max_upstream, final["maxInFlight"])
-        tally.faults = final.get("faults", {})
-        samples.append(
-            Sample(
-                at_s=time.monotonic() - started,
-                rss_mb=rss_mb(proxy.proc.pid),
-                sent=tally.sent,
-                ok=tally.statuses[200],
-                in_flight=status["inFlight"],
-                queued=status["queued"],
-                limit=status["limit"],
-            )
-        )
+        await chaos.finish(watcher, sim.url, tally)
+        status = (await watcher.get(proxy.url + "/concurrency/status/sim")).json()
+        samples.append(take_sample(time.monotonic() - started, proxy, tally, status))
         print(row(samples[-1]) + "   (after the load, idle)", flush=True)
     return tally, samples, idle
 
@@ -393,7 +224,7 @@ def slope_mb_per_min(samples: list[Sample]) -> float:
 
 def summary(
     plan: Plan,
-    tally: Tally,
+    tally: chaos.Tally,
     samples: list[Sample],
     start_mb: float,
     idle: bool,
@@ -406,16 +237,17 @@ def summary(
     peak = max(s.rss_mb for s in after_warmup)
     # Still growing at the end is what a leak looks like; a step early on is warm-up.
     second_half = [s for s in samples if s.at_s >= samples[-1].at_s / 2] or samples[-1:]
-    tracebacks = [line for line in proxy_log.splitlines() if any(m in line for m in UNHANDLED)]
+    tracebacks = chaos.unhandled(proxy_log)
     failures = []
     if tally.max_upstream > plan.limit:
         failures.append(f"upstream concurrency {tally.max_upstream} > limit {plan.limit}")
     if tally.without_response or tally.hung:
         failures.append(f"{tally.without_response} requests without a response")
     if tally.corrupted:
-        failures.append(f"{len(tally.corrupted)} damaged 200 bodies, e.g. {tally.corrupted[0]}")
-    if set(tally.statuses) - STATUSES:
-        failures.append(f"unexpected statuses {sorted(set(tally.statuses) - STATUSES)}")
+        example = tally.corrupted[0][1]
+        failures.append(f"{len(tally.corrupted)} damaged 200 bodies, e.g. {example!r}")
+    if set(tally.statuses) - chaos.STATUSES:
+        failures.append(f"unexpected statuses {sorted(set(tally.statuses) - chaos.STATUSES)}")
     if not idle:
         failures.append("inFlight/queued did not come back to 0")
     if tracebacks:
@@ -431,7 +263,8 @@ def summary(
         f"  responses by status         {dict(sorted(tally.statuses.items()))}",
         f"  transport errors            {dict(tally.transport_errors)}",
         f"  abandoned by the client     {dict(tally.abandoned)}",
-        f"  without a response          {tally.without_response} (past deadline: {tally.hung})",
+        f"  without a response          {tally.without_response} "
+        f"(past deadline: {len(tally.hung)})",
         f"  damaged 200 bodies          {len(tally.corrupted)}",
         f"  faults injected             {sum(tally.faults.values())} {tally.faults}",
         f"  cuts reported by the proxy  {cuts} (warnings, no traceback: {len(tracebacks)})",
@@ -487,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=7,
         help="seed for the clients and the sim's faults (default: %(default)s)",
     )
-    add("--fault-rate", default=FAULT_RATES, help="the sim's random faults (default: %(default)s)")
+    add(
+        "--fault-rate",
+        default=chaos.FAULT_RATES,
+        help="the sim's random faults (default: %(default)s)",
+    )
     return parser
 
 

@@ -12,18 +12,12 @@ import datetime
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import core_busy_s
-
-ROOT = Path(__file__).resolve().parent.parent
-"""The project root: subprocesses run here so `python -m bench...` imports."""
+from bench.process import Process, free_port, python, start
 
 LOAD_CORE = 0
 PROXY_CORE = 1
@@ -81,11 +75,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(fd_limit: int) -> Machine:
+def core_busy_pct(seconds: float) -> list[float]:
+    """How busy each core was over the next `seconds`, in %."""
     before, started = core_busy_s(), time.perf_counter()
-    time.sleep(1.0)
+    time.sleep(seconds)
     wall = time.perf_counter() - started
-    busy = [100 * (b - a) / wall for a, b in zip(before, core_busy_s(), strict=False)]
+    return [100 * (b - a) / wall for a, b in zip(before, core_busy_s(), strict=False)]
+
+
+def machine(fd_limit: int) -> Machine:
+    busy = core_busy_pct(1.0)
     load = ["?"]
     with contextlib.suppress(OSError):
         load = Path("/proc/loadavg").read_text().split()[:3]
@@ -106,88 +105,12 @@ def wait_idle(max_wait_s: float, busy_pct: float = 15.0) -> float | None:
     sessions share this machine); the seconds waited, or None if it never was."""
     began = time.monotonic()
     while True:
-        before, t0 = core_busy_s(), time.perf_counter()
-        time.sleep(0.5)
-        wall = time.perf_counter() - t0
-        busy = [100 * (b - a) / wall for a, b in zip(before, core_busy_s(), strict=False)]
+        busy = core_busy_pct(0.5)
         waited = time.monotonic() - began
         if max(busy, default=0.0) <= busy_pct:
             return waited
         if waited >= max_wait_s:
             return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Process:
-    """A started server: its pid is the process under test (taskset execs into it)."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start(
-    name: str, command: list[str], port: int, log_dir: Path, *, ready_timeout: float = 30.0
-) -> Process:
-    """Start `command` and wait until `GET /healthz` on `port` answers 200."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    server = Process(name, port, proc, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{server.log_tail()}")
-        if _healthy(port):
-            return server
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(
-        f"{name} did not answer /healthz in {ready_timeout:g}s:\n{server.log_tail()}"
-    )
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-def python(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
 
 
 # ------------------------------------------------------------------ the targets
@@ -205,9 +128,16 @@ class TargetSpec:
 
 
 def sluice_config(
-    path: Path, port: int, upstream_port: int, *, log_level: str, limit: int | None
+    path: Path,
+    port: int,
+    upstream_port: int,
+    *,
+    log_level: str,
+    limit: int | None,
+    more: str = "",
 ) -> Path:
-    """A TOML config with one provider pointing at the bench upstream."""
+    """A TOML config with one provider pointing at the bench upstream; `more` (further
+    tables) follows it."""
     limit_line = f"limit = {limit}\n" if limit is not None else ""
     path.write_text(
         f"""[server]
@@ -220,7 +150,7 @@ log_level = "{log_level}"
 id = "bench"
 base_url = "http://127.0.0.1:{upstream_port}/v1"
 default = true
-{limit_line}"""
+{limit_line}{more}"""
     )
     return path
 

@@ -1,94 +1,40 @@
-"""Start sluice processes (proxy or sim) on free loopback ports for end-to-end tests."""
+"""Start sluice processes (proxy or sim) on free loopback ports for end-to-end tests.
+
+The benchmarks start theirs the same way: `bench/process.py` does the work."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from bench import process
+from bench.process import Process as Server
+from bench.process import free_port
+
+__all__ = ["Server", "free_port", "running", "start"]
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """A running `python -m proxy ...` subprocess and the file its output goes to."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Send `sig` and wait for the exit code (SIGKILL if it does not exit in time)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def start(
-    args: list[str],
-    port: int,
-    *,
-    env: dict[str, str] | None = None,
-    ready_path: str = "/healthz",
-    timeout: float = 20.0,
-) -> Server:
-    """Start `python -m proxy *args` and wait until GET `ready_path` answers 200."""
-    log = Path(tempfile.mkstemp(prefix="sluice-", suffix=".log")[1])
-    full_env = {**os.environ, **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
-    server = Server(proc, port, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + ready_path, timeout=1.0).status_code == 200:
-                return server
-        time.sleep(0.05)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server did not become ready in {timeout}s:\n{server.log()}")
+def start(args: list[str], port: int, *, env: dict[str, str] | None = None) -> Server:
+    """Start `python -m proxy *args` and wait until GET /healthz answers 200 (20 s at
+    most). Its log is a file of its own; `stop` waits 15 s for an exit."""
+    return process.start(
+        "server",
+        process.python("proxy", *args),
+        port,
+        Path(tempfile.mkdtemp(prefix="sluice-")),
+        env=env,
+        ready_timeout=20.0,
+        stop_timeout_s=15.0,
+        log_lines=None,
+    )
 
 
 @contextlib.contextmanager
-def running(
-    args: list[str], port: int, *, env: dict[str, str] | None = None, ready_path: str = "/healthz"
-) -> Iterator[Server]:
+def running(args: list[str], port: int, *, env: dict[str, str] | None = None) -> Iterator[Server]:
     """`start` as a context manager that always stops the process."""
-    server = start(args, port, env=env, ready_path=ready_path)
+    server = start(args, port, env=env)
     try:
         yield server
     finally:

@@ -20,18 +20,15 @@ Run with `-s` to see the figures; they are also in every assertion message.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import json
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import pytest
 
-from proxy.sim import MALFORMED_JSON, MALFORMED_SSE, expected_content
+from bench import chaos
+from bench.chaos import FAULT_RATES, STATUSES, Tally, chat, idle, unhandled
 from tests.conftest import ProxyFactory
 from tests.servers import Server, free_port, running
 from tests.waiting import eventually
@@ -39,237 +36,63 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.e2e
 
 LIMIT = 4
-COOLDOWN_MS = 100
-USAGE_LAG_MS = 30  # shorter than the cooldown: the gate's view is never older than a slot
+COOLDOWN_MS = 100  # longer than the sim's usage lag (chaos.USAGE_LAG_MS, 30 ms)
 RETRY_ON_429 = 2
 QUEUE_TIMEOUT_S = 8.0
-READ_TIMEOUT_S = 0.5
-STALL_S = 2.0  # longer than the read timeout: a stall becomes a 504
-TOKENS = 6
-TOKEN_DELAY_MS = 5
+READ_TIMEOUT_S = 0.5  # shorter than a stall (chaos.STALL_S): a stall becomes a 504
 
 REQUESTS = 300
 CONCURRENCY = 100
-# Clients that read to the end, give up while waiting, give up after the first chunk.
-LEAVE_WEIGHTS = (0.88, 0.06, 0.06)
-LONG_TOKENS = 40  # the streams of clients that leave mid-stream
-STREAM_RATE = 0.75
 SEED = 7
+PROMPT_AGE_MS = 60_000  # prompts started up to a minute ago
 
-FAULT_RATES = "reset=0.03,cut=0.04,stall=0.02,500=0.02,502=0.02,503=0.02,429=0.01,malformed=0.03"
 # The longest a request can legitimately take: each admission (the first and one per
 # retried 429) may wait out the queue timeout and then a read timeout, plus the
 # stream itself; a little slack for a loaded CI machine.
 DEADLINE_S = (RETRY_ON_429 + 1) * (QUEUE_TIMEOUT_S + READ_TIMEOUT_S + 0.3) + 3.0
-STATUSES = frozenset({200, 429, 500, 502, 503, 504})
-
-FULL_STREAM_CONTENT = expected_content(TOKENS)
-MALFORMED_STREAM = b"".join(MALFORMED_SSE)
 
 
-@dataclass
-class Tally:
-    """What happened to every request, and what the monitor saw meanwhile."""
-
-    sent: int = 0
-    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
-    errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    transport_errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    abandoned: collections.Counter[str] = field(default_factory=collections.Counter)
-    hung: list[int] = field(default_factory=list)
-    corrupted: list[str] = field(default_factory=list)
-    malformed_passed: int = 0
-    slowest_s: float = 0.0
-    max_upstream: int = 0
-    max_in_flight: int = 0
-    max_queued: int = 0
-    limit_restores: int = 0
-    polls: int = 0
-    faults: dict[str, int] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-
-    @property
-    def answered(self) -> int:
-        return sum(self.statuses.values())
-
-    @property
-    def without_response(self) -> int:
-        """Requests that neither got a response, nor a transport error, nor were
-        abandoned by their client on purpose (the hung ones among them): must be 0."""
-        ended = self.answered + sum(self.transport_errors.values()) + sum(self.abandoned.values())
-        return self.sent - ended
-
-    def report(self) -> str:
-        lines = [
-            f"chaos: {self.sent} requests, {CONCURRENCY} concurrent, in {self.elapsed_s:.1f} s",
-            f"  responses by status        {dict(sorted(self.statuses.items()))}",
-            f"  error answers by type      {dict(sorted(self.errors.items()))}",
-            f"  transport errors           {dict(self.transport_errors)}",
-            f"  abandoned by the client    {dict(self.abandoned)}",
-            f"  without a response         {self.without_response} (hung: {self.hung})",
-            f"  corrupted 200 bodies       {len(self.corrupted)} {self.corrupted[:3]}",
-            f"  malformed SSE passed on    {self.malformed_passed}",
-            f"  faults injected            {sum(self.faults.values())} {self.faults}",
-            f"  highest upstream conc.     {self.max_upstream} (limit {LIMIT})",
-            f"  highest inFlight / queued  {self.max_in_flight} / {self.max_queued}",
-            f"  limit restored after 429   {self.limit_restores} times",
-            f"  slowest request            {self.slowest_s:.2f} s (deadline {DEADLINE_S:.1f} s)",
-        ]
-        return "\n".join(lines)
-
-
-def chat(stream: bool) -> dict[str, Any]:
-    return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-
-
-def check_body(status: int, stream: bool, body: bytes, tally: Tally, index: int) -> None:
-    """A 200 must carry the whole answer, or exactly the sim's malformed one."""
-    if status != 200:
-        try:
-            kind = json.loads(body)["error"]["type"]
-        except (ValueError, KeyError, TypeError):
-            kind = "unreadable"
-        tally.errors[f"{status} {kind}"] += 1
-        return
-    if body in (MALFORMED_STREAM, MALFORMED_JSON):
-        tally.malformed_passed += 1
-        return
-    try:
-        if stream:
-            events = [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
-            assert events[-1] == "[DONE]"
-            chunks = [json.loads(event) for event in events[:-1]]
-            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        else:
-            text = json.loads(body)["choices"][0]["message"]["content"]
-        assert text == FULL_STREAM_CONTENT
-    except (AssertionError, ValueError, KeyError, IndexError):
-        tally.corrupted.append(f"#{index}: {body[:80]!r}")
-
-
-async def one_request(
-    client: httpx.AsyncClient, url: str, index: int, rng: random.Random, tally: Tally
-) -> None:
-    """One client, always bounded by its deadline. Most read their answer to the end;
-    some give up while still waiting (queued, or upstream before the headers), some
-    after the first chunk of a longer stream."""
-    stream = rng.random() < STREAM_RATE
-    mode = rng.choices(["patient", "leaves waiting", "leaves streaming"], LEAVE_WEIGHTS)[0]
-    headers = {
-        "x-conversation-id": f"chaos-{index}",
-        "x-prompt-started-at": str(int(time.time() * 1000) - rng.randrange(0, 60_000)),
-    }
-    if mode == "leaves streaming":
-        stream = True
-        headers["x-sim-tokens"] = str(LONG_TOKENS)
-    patience_s = rng.uniform(0.05, 1.5)
-    got_headers = asyncio.Event()
-
-    async def exchange() -> None:
-        async with client.stream("POST", url, json=chat(stream), headers=headers) as response:
-            got_headers.set()
-            if mode == "leaves streaming" and response.status_code == 200:
-                async for _ in response.aiter_raw():
-                    tally.abandoned["streaming"] += 1
-                    return  # leaving the block closes the connection mid-stream
-            body = await response.aread()
-        tally.statuses[response.status_code] += 1
-        check_body(response.status_code, stream, body, tally, index)
-
-    started = time.monotonic()
-    tally.sent += 1
-    work = asyncio.ensure_future(exchange())
-    try:
-        async with asyncio.timeout(DEADLINE_S):
-            if mode == "leaves waiting":
-                await asyncio.wait({work}, timeout=patience_s)
-                if not got_headers.is_set():
-                    work.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await work
-                    tally.abandoned["waiting"] += 1
-                    return
-            await work
-    except httpx.TransportError as exc:
-        tally.transport_errors[type(exc).__name__] += 1
-    except TimeoutError:
-        work.cancel()
-        tally.hung.append(index)
-    finally:
-        tally.slowest_s = max(tally.slowest_s, time.monotonic() - started)
+def describe(tally: Tally, elapsed_s: float) -> str:
+    """The figures of a run, for the assertion messages."""
+    lines = [
+        f"chaos: {tally.sent} requests, {CONCURRENCY} concurrent, in {elapsed_s:.1f} s",
+        f"  responses by status        {dict(sorted(tally.statuses.items()))}",
+        f"  error answers by type      {dict(sorted(tally.errors.items()))}",
+        f"  transport errors           {dict(tally.transport_errors)}",
+        f"  abandoned by the client    {dict(tally.abandoned)}",
+        f"  without a response         {tally.without_response} (hung: {tally.hung})",
+        f"  corrupted 200 bodies       {len(tally.corrupted)} "
+        f"{[f'#{index}: {body!r}' for index, body in tally.corrupted[:3]]}",
+        f"  malformed SSE passed on    {tally.malformed_passed}",
+        f"  faults injected            {sum(tally.faults.values())} {tally.faults}",
+        f"  highest upstream conc.     {tally.max_upstream} (limit {LIMIT})",
+        f"  highest inFlight / queued  {tally.max_in_flight} / {tally.max_queued}",
+        f"  limit restored after 429   {tally.limit_restores} times",
+        f"  slowest request            {tally.slowest_s:.2f} s (deadline {DEADLINE_S:.1f} s)",
+    ]
+    return "\n".join(lines)
 
 
 async def monitor(
     client: httpx.AsyncClient, proxy: Server, sim: Server, tally: Tally, stop: asyncio.Event
 ) -> None:
-    """Poll both sides while the load runs; play the operator who restores the limit
-    after each 429 reduction, so the run keeps its pace."""
+    """Poll both sides while the load runs, restoring the limit after each 429
+    reduction, so the run keeps its pace."""
     while not stop.is_set():
-        upstream = (await client.get(sim.url + "/sim/stats")).json()
-        status = (await client.get(proxy.url + "/concurrency/status/sim")).json()
-        tally.polls += 1
-        tally.max_upstream = max(tally.max_upstream, upstream["maxInFlight"])
-        tally.max_in_flight = max(tally.max_in_flight, status["inFlight"])
-        tally.max_queued = max(tally.max_queued, status["queued"])
-        if status["autoReduced"]:
-            restored = await client.put(
-                proxy.url + "/concurrency/limits/sim", json={"limit": LIMIT}
-            )
-            restored.raise_for_status()
-            tally.limit_restores += 1
+        await chaos.poll(client, proxy.url, sim.url, LIMIT, tally)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.05)
-
-
-async def idle(client: httpx.AsyncClient, proxy: Server, sim: Server) -> bool:
-    status = (await client.get(proxy.url + "/concurrency/status/sim")).json()
-    upstream = (await client.get(sim.url + "/sim/stats")).json()
-    return bool(status["inFlight"] == 0 and status["queued"] == 0 and upstream["inFlight"] == 0)
-
-
-def unhandled(log: str) -> list[str]:
-    markers = ("Traceback", "Exception in ASGI application", "Task exception was never retrieved")
-    return [line for line in log.splitlines() if any(marker in line for marker in markers)]
 
 
 async def test_chaos_nothing_lost_nothing_leaked_never_over_the_limit(
     make_proxy: ProxyFactory,
 ) -> None:
     sim_port = free_port()
-    sim_args = [
-        "sim",
-        "--port",
-        str(sim_port),
-        "--tokens",
-        str(TOKENS),
-        "--token-delay-ms",
-        str(TOKEN_DELAY_MS),
-        "--usage-lag-ms",
-        str(USAGE_LAG_MS),
-        "--retry-after-s",
-        "1",
-        "--fault-rate",
-        FAULT_RATES,
-        "--stall-s",
-        str(STALL_S),
-        "--usage-fault",
-        "flap",
-        "--seed",
-        str(SEED),
-    ]
-    with running(sim_args, sim_port) as sim:
+    with running(chaos.sim_args(sim_port, faults=FAULT_RATES, seed=SEED), sim_port) as sim:
         proxy = make_proxy(
-            f"""
-            [[providers]]
-            id = "sim"
-            base_url = "{sim.url}/v1"
-            limit = {LIMIT}
-            usage_gate = true
-            usage_poll_interval_ms = 50
-            queue_timeout_s = {QUEUE_TIMEOUT_S}
-            """,
+            chaos.provider_toml(sim.url, limit=LIMIT, queue_timeout_s=QUEUE_TIMEOUT_S),
             server=f"upstream_read_timeout_s = {READ_TIMEOUT_S}",
-            admission=f"cooldown_ms = {COOLDOWN_MS}\nretry_on_429 = {RETRY_ON_429}\npause_s = 1",
+            admission=chaos.admission_toml(cooldown_ms=COOLDOWN_MS, retry_on_429=RETRY_ON_429),
         )
         tally = Tally()
         rng = random.Random(SEED)
@@ -285,23 +108,24 @@ async def test_chaos_nothing_lost_nothing_leaked_never_over_the_limit(
 
             async def bounded(index: int) -> None:
                 async with gate:
-                    await one_request(client, url, index, rng, tally)
+                    await chaos.one_request(
+                        client, url, rng, tally, index=index, deadline_s=DEADLINE_S,
+                        prompt_age_ms=PROMPT_AGE_MS, conversation_id=f"chaos-{index}",
+                    )  # fmt: skip
 
             started = time.monotonic()
             await asyncio.gather(*(bounded(i) for i in range(REQUESTS)))
-            tally.elapsed_s = time.monotonic() - started
+            elapsed_s = time.monotonic() - started
             stop.set()
             await watching
 
-            await eventually(lambda: idle(watcher, proxy, sim), within=10)
-            final = (await watcher.get(sim.url + "/sim/stats")).json()
-            tally.max_upstream = max(tally.max_upstream, final["maxInFlight"])
-            tally.faults = final.get("faults", {})
+            await eventually(lambda: idle(watcher, proxy.url, sim.url), within=10)
+            await chaos.finish(watcher, sim.url, tally)
 
         exit_code = proxy.stop()
         proxy_log = proxy.log()
     sim_log = sim.log()
-    report = tally.report()
+    report = describe(tally, elapsed_s)
     print("\n" + report)
 
     assert tally.sent == REQUESTS, report
@@ -336,16 +160,7 @@ async def test_a_usage_answer_too_deep_to_parse_means_no_information(
     sim_port = free_port()
     with running(["sim", "--port", str(sim_port), "--usage-fault", "nested"], sim_port) as sim:
         proxy = make_proxy(
-            f"""
-            [[providers]]
-            id = "sim"
-            base_url = "{sim.url}/v1"
-            limit = 1
-            usage_gate = true
-            usage_poll_interval_ms = 50
-            queue_timeout_s = 3
-            """,
-            admission="cooldown_ms = 0",
+            chaos.provider_toml(sim.url, limit=1, queue_timeout_s=3), admission="cooldown_ms = 0"
         )
         url = proxy.url + "/v1/chat/completions"
         async with httpx.AsyncClient(timeout=30) as client:
@@ -361,7 +176,7 @@ async def test_a_usage_answer_too_deep_to_parse_means_no_information(
             answer = await second
             waited = time.monotonic() - started
             assert (answer.status_code, waited < 2.0) == (200, True), (answer.status_code, waited)
-            await eventually(lambda: idle(client, proxy, sim), within=5)
+            await eventually(lambda: idle(client, proxy.url, sim.url), within=5)
         assert unhandled(proxy.log()) == []
 
 
