@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from proxy.sim import expected_content
-from tests.conftest import proxy_config
-from tests.servers import Server, free_port, start
+from tests.conftest import chat, sim_provider, start_proxy
+from tests.servers import Server, free_port
+from tests.waiting import wait_until
 
 ADMIN_TOKEN = "admin-token-" + secrets.token_hex(8)
 PROVIDER_KEY = "sk-secret-" + secrets.token_hex(16)
@@ -39,14 +40,14 @@ STATUS_SPEC_KEYS = STATUS_REQUIRED | {"pausedUntil", "autoReducedFrom", "notice"
 EVENT_KEYS = {"at", "providerId", "kind", "detail"}
 
 # Each test that changes state owns its provider, so the module can share one proxy.
-SECURED_PROVIDERS = {
-    "alpha": "limit = 4\ncooldown_ms = 100\ndefault = true",  # read-only: status, bad bodies
-    "beta": "",  # no limit
-    "gamma": "limit = 2",  # PUT / DELETE limit, cooldown
-    "delta": "limit = 3\nretry_on_429 = 0",  # 429 reduction, then a manual limit
-    "epsilon": "limit = 2",  # events
-    "tok": "limit = 5",  # the right token's writes
-    "keyed": f'limit = 2\nusage_gate = true\nretry_on_429 = 0\napi_key = "{PROVIDER_KEY}"',
+SECURED_PROVIDERS: dict[str, dict[str, object]] = {
+    "alpha": {"limit": 4, "cooldown_ms": 100, "default": True},  # read-only: status, bad bodies
+    "beta": {},  # no limit
+    "gamma": {"limit": 2},  # PUT / DELETE limit, cooldown
+    "delta": {"limit": 3, "retry_on_429": 0},  # 429 reduction, then a manual limit
+    "epsilon": {"limit": 2},  # events
+    "tok": {"limit": 5},  # the right token's writes
+    "keyed": {"limit": 2, "usage_gate": True, "retry_on_429": 0, "api_key": PROVIDER_KEY},
 }
 
 
@@ -62,30 +63,18 @@ class Proxy:
         return self.server.url
 
 
-def providers_toml(sim_url: str, providers: dict[str, str], extra: str = "") -> str:
-    blocks = [
-        f'[[providers]]\nid = "{pid}"\nbase_url = "{sim_url}/v1"\n{body}\n'
-        for pid, body in providers.items()
-    ]
-    return "\n".join(blocks) + extra
-
-
 @pytest.fixture(scope="module")
 def secured(sim: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """A proxy with an admin token and one provider per test that writes."""
     directory = tmp_path_factory.mktemp("secured")
+    providers = "".join(sim_provider(sim, pid, **kv) for pid, kv in SECURED_PROVIDERS.items())
     down = f"""
         [[providers]]
         id = "keyed-down"
         base_url = "http://127.0.0.1:{free_port()}/v1"
         api_key = "{PROVIDER_KEY}"
         """
-    config, port = proxy_config(
-        directory,
-        providers_toml(sim.url, SECURED_PROVIDERS, down),
-        server=f'admin_token = "{ADMIN_TOKEN}"',
-    )
-    server = start(["serve", "--config", str(config)], port)
+    server = start_proxy(directory, providers + down, server=f'admin_token = "{ADMIN_TOKEN}"')
     yield Proxy(server, directory / "state" / "sluice.db")
     server.stop()
 
@@ -94,8 +83,7 @@ def secured(sim: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
 def open_proxy(sim: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """A proxy without an admin token."""
     directory = tmp_path_factory.mktemp("open")
-    config, port = proxy_config(directory, providers_toml(sim.url, {"solo": "limit = 3"}))
-    server = start(["serve", "--config", str(config)], port)
+    server = start_proxy(directory, sim_provider(sim, "solo", limit=3))
     yield Proxy(server, directory / "state" / "sluice.db")
     server.stop()
 
@@ -104,13 +92,6 @@ def open_proxy(sim: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def admin(secured: Proxy) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=secured.url, headers=AUTH, timeout=10) as client:
         yield client
-
-
-@pytest.fixture
-def sim_clean(sim_reset: Server) -> Iterator[Server]:
-    """`sim_reset`, and the sim's defaults again afterwards for whoever comes next."""
-    yield sim_reset
-    httpx.post(sim_reset.url + "/sim/config", json={"hardCap": None}).raise_for_status()
 
 
 def error_of(response: httpx.Response, status: int) -> str:
@@ -157,17 +138,12 @@ def events_of(client: httpx.Client, **params: str | int) -> list[dict[str, Any]]
 def wait_for_events(client: httpx.Client, provider: str, kinds: set[str]) -> list[dict[str, Any]]:
     """The provider's events once all `kinds` are journaled: the limiter's own events
     are written by a background writer, a moment after the request that caused them."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def journaled() -> list[dict[str, Any]] | None:
         events = events_of(client, provider=provider)
-        if kinds <= {e["kind"] for e in events} or time.monotonic() > deadline:
-            assert kinds <= {e["kind"] for e in events}, events
-            return events
-        time.sleep(0.02)
+        return events if kinds <= {e["kind"] for e in events} else None
 
-
-def chat(stream: bool = False) -> dict[str, object]:
-    return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return wait_until(journaled)
 
 
 # --------------------------------------------------------------------- status

@@ -11,23 +11,9 @@ import httpx
 import pytest
 
 from proxy.sim import expected_content
-from tests.conftest import ProxyFactory
-from tests.servers import Server
+from tests.conftest import ProxyFactory, chat, sim_provider
+from tests.servers import Server, free_port
 from tests.waiting import eventually
-
-
-def providers(sim: Server, limit: int, extra: str = "") -> str:
-    return f"""
-        [[providers]]
-        id = "sim"
-        base_url = "{sim.url}/v1"
-        limit = {limit}
-        {extra}
-        """
-
-
-def chat(stream: bool = True) -> dict[str, Any]:
-    return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
 async def status(client: httpx.AsyncClient, proxy: Server) -> dict[str, Any]:
@@ -42,7 +28,7 @@ async def stats(client: httpx.AsyncClient, sim: Server) -> dict[str, int]:
 
 async def stream_text(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> str:
     text = []
-    async with client.stream("POST", url, json=chat(), headers=headers) as response:
+    async with client.stream("POST", url, json=chat(True), headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
@@ -58,7 +44,7 @@ async def test_three_n_clients_never_exceed_limit_n(
     async with httpx.AsyncClient() as client:
         await client.post(sim_reset.url + "/sim/config", json={"usageLagMs": 50, "tokens": 10})
     proxy = make_proxy(
-        providers(sim_reset, limit, "usage_gate = true"), admission="cooldown_ms = 150"
+        sim_provider(sim_reset, limit=limit, usage_gate=True), admission="cooldown_ms = 150"
     )
     async with httpx.AsyncClient(timeout=30) as client:
         texts = await asyncio.gather(
@@ -85,7 +71,7 @@ async def _idle(client: httpx.AsyncClient, proxy: Server) -> bool:
 async def test_oldest_prompt_first_whatever_the_arrival_order(
     make_proxy: ProxyFactory, sim_reset: Server
 ) -> None:
-    proxy = make_proxy(providers(sim_reset, 1), admission="cooldown_ms = 0")
+    proxy = make_proxy(sim_provider(sim_reset, limit=1), admission="cooldown_ms = 0")
     url = proxy.url + "/v1/chat/completions"
     order: list[str] = []
     async with httpx.AsyncClient(timeout=30) as client:
@@ -123,7 +109,7 @@ async def test_usage_gate_holds_back_while_upstream_reports_outside_load(
     make_proxy: ProxyFactory, sim_reset: Server
 ) -> None:
     proxy = make_proxy(
-        providers(sim_reset, 2, "usage_gate = true\nusage_poll_interval_ms = 50"),
+        sim_provider(sim_reset, limit=2, usage_gate=True, usage_poll_interval_ms=50),
         admission="cooldown_ms = 0",
     )
     url = proxy.url + "/v1/chat/completions"
@@ -159,7 +145,7 @@ async def _polled_more(client: httpx.AsyncClient, sim: Server, n: int) -> bool:
 async def test_disconnects_mid_stream_and_while_queued_leak_nothing(
     make_proxy: ProxyFactory, sim_reset: Server
 ) -> None:
-    proxy = make_proxy(providers(sim_reset, 1), admission="cooldown_ms = 50")
+    proxy = make_proxy(sim_provider(sim_reset, limit=1), admission="cooldown_ms = 50")
     url = proxy.url + "/v1/chat/completions"
     long = {"x-sim-tokens": "500", "x-sim-token-delay-ms": "20"}
     async with httpx.AsyncClient(timeout=30) as watcher:
@@ -194,8 +180,6 @@ async def _disconnected(client: httpx.AsyncClient, sim: Server) -> bool:
 async def test_upstream_failure_releases_the_slot(
     make_proxy: ProxyFactory, sim_reset: Server
 ) -> None:
-    from tests.servers import free_port
-
     proxy = make_proxy(
         f"""
         [[providers]]
@@ -216,7 +200,8 @@ async def test_queue_full_and_queue_timeout_are_503_with_retry_after(
     make_proxy: ProxyFactory, sim_reset: Server
 ) -> None:
     proxy = make_proxy(
-        providers(sim_reset, 1, "max_queue = 1\nqueue_timeout_s = 0.5"), admission="cooldown_ms = 0"
+        sim_provider(sim_reset, limit=1, max_queue=1, queue_timeout_s=0.5),
+        admission="cooldown_ms = 0",
     )
     url = proxy.url + "/v1/chat/completions"
     async with httpx.AsyncClient(timeout=30) as client:
@@ -243,7 +228,7 @@ async def test_queue_full_and_queue_timeout_are_503_with_retry_after(
 async def test_malformed_prompt_started_at_is_400(
     make_proxy: ProxyFactory, sim_reset: Server
 ) -> None:
-    proxy = make_proxy(providers(sim_reset, 2))
+    proxy = make_proxy(sim_provider(sim_reset, limit=2))
     async with httpx.AsyncClient(timeout=30) as client:
         response = await client.post(
             proxy.url + "/v1/chat/completions",

@@ -6,39 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from proxy.sim import expected_content
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, chat, sim_provider
 from tests.servers import Server
+from tests.waiting import eventually
 
 NOTICE = "Concurrency limit auto-reduced to {} after a 429 — restore manually when ready."
 TOKENS = 8
 
 
-@pytest.fixture
-def sim_clean(sim_reset: Server) -> Iterator[Server]:
-    """`sim_reset`, and the sim's defaults again afterwards for whoever comes next."""
-    yield sim_reset
-    httpx.post(sim_reset.url + "/sim/config", json={"hardCap": None}).raise_for_status()
-
-
 def configure_sim(sim: Server, **config: int | None) -> None:
     httpx.post(sim.url + "/sim/config", json=config).raise_for_status()
-
-
-def provider_toml(sim: Server, **settings: int | float) -> str:
-    lines = "\n".join(f"{key} = {value}" for key, value in settings.items())
-    return f"""
-        [[providers]]
-        id = "sim"
-        base_url = "{sim.url}/v1"
-        {lines}
-        """
 
 
 def sim_stats(sim: Server) -> dict[str, int]:
@@ -56,10 +39,6 @@ def status_of(proxy: Server) -> dict[str, Any]:
 def event_kinds(proxy: Server) -> list[str]:
     response = httpx.get(proxy.url + "/concurrency/events", params={"provider": "sim"})
     return [e["kind"] for e in response.json()["events"]]
-
-
-def chat(stream: bool) -> dict[str, object]:
-    return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
 async def stream_content(client: httpx.AsyncClient) -> tuple[int, str]:
@@ -80,7 +59,7 @@ async def test_clients_never_see_the_429s_while_the_limit_converges(
 ) -> None:
     configure_sim(sim_clean, hardCap=2, retryAfterS=1, tokens=TOKENS, tokenDelayMs=20)
     proxy = make_proxy(
-        provider_toml(sim_clean, limit=4, cooldown_ms=100, pause_s=0.2, retry_on_429=5)
+        sim_provider(sim_clean, limit=4, cooldown_ms=100, pause_s=0.2, retry_on_429=5)
     )
     paused_seen: list[dict[str, Any]] = []
 
@@ -112,10 +91,11 @@ async def test_clients_never_see_the_429s_while_the_limit_converges(
     assert status["notice"] == NOTICE.format(status["limit"])
     assert (status["inFlight"], status["queued"]) in {(0, 0), (1, 0), (2, 0)}  # cooling
 
-    deadline = time.monotonic() + 10
-    while not {"rate_limited", "paused", "limit_reduced"} <= set(kinds := event_kinds(proxy)):
-        assert time.monotonic() < deadline, kinds
-        await asyncio.sleep(0.02)
+    def journaled() -> list[str] | None:
+        found = event_kinds(proxy)
+        return found if {"rate_limited", "paused", "limit_reduced"} <= set(found) else None
+
+    kinds: list[str] = await eventually(journaled)
     # Concurrent 429s of one overshoot cost one step: exactly one event per step.
     assert kinds.count("limit_reduced") == 4 - status["limit"]
     assert kinds.count("rate_limited") <= stats["rateLimited"]
@@ -131,7 +111,7 @@ async def test_while_paused_nothing_is_admitted(
     """A 429 with `Retry-After: 2` pauses the provider: status says until when, and a
     request that arrives meanwhile (the fast path included) waits for the pause."""
     configure_sim(sim_clean, hardCap=0, retryAfterS=2, tokens=TOKENS, tokenDelayMs=0)
-    proxy = make_proxy(provider_toml(sim_clean, limit=3, retry_on_429=0, pause_s=30))
+    proxy = make_proxy(sim_provider(sim_clean, limit=3, retry_on_429=0, pause_s=30))
     async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
         before_ms = time.time() * 1000
         refused = await client.post("/v1/chat/completions", json=chat(False))
@@ -169,7 +149,7 @@ def test_with_retry_on_429_zero_the_upstream_429_reaches_the_client_unchanged(
     settings: dict[str, int | float] = {"retry_on_429": 0}
     if limit is not None:
         settings["limit"] = limit
-    proxy = make_proxy(provider_toml(sim_clean, **settings))
+    proxy = make_proxy(sim_provider(sim_clean, **settings))
     direct = httpx.post(sim_clean.url + "/v1/chat/completions", json=chat(False))
     assert direct.status_code == 429
 

@@ -182,11 +182,7 @@ async def test_a_limit_set_on_one_replica_applies_on_every_replica_at_once(url: 
         assert isinstance(await asyncio.wait_for(waiting, 2), ClusterSlot)
         assert b.admission.limit == 2
         await b.admission.set_cooldown_ms(75)
-        await eventually(lambda: _async(a.admission.cooldown_ms == 75))
-
-
-async def _async(value: bool) -> bool:
-    return value
+        await eventually(lambda: a.admission.cooldown_ms == 75)
 
 
 async def test_429s_seen_by_two_replicas_at_once_reduce_the_limit_once(url: str) -> None:
@@ -258,7 +254,7 @@ async def test_redis_down_means_a_local_share_then_a_rejoin(tmp_path: Any) -> No
             assert isinstance(await asyncio.wait_for(third, 2), ClusterSlot)
             # Redis comes back empty: the replicas seed it again and count what they hold.
             redis.start()
-            await eventually(lambda: _async(a.hub.up and b.hub.up), within=5)
+            await eventually(lambda: a.hub.up and b.hub.up, within=5)
             status = await b.admission.status()
             assert (status.limit, status.in_flight) == (4, 2)
             view = b.admission.cluster()
@@ -269,7 +265,7 @@ async def test_redis_down_means_a_local_share_then_a_rejoin(tmp_path: Any) -> No
             await eventually(lambda: _in_flight(b, 4))
             assert sum(t.done() for t in more) == 2
             local.release()
-            await eventually(lambda: _async(all(t.done() for t in more)))
+            await eventually(lambda: all(t.done() for t in more))
 
 
 async def test_a_replica_started_without_redis_admits_one_at_a_time_until_it_joins(
@@ -287,7 +283,7 @@ async def test_a_replica_started_without_redis_admits_one_at_a_time_until_it_joi
         assert not second.done()
         redis.start()
         try:
-            await eventually(lambda: _async(a.hub.up))
+            await eventually(lambda: a.hub.up)
             # Joined: the config's limit applies, the held slot counts as a lease.
             assert isinstance(await asyncio.wait_for(second, 2), ClusterSlot)
             status = await a.admission.status()
@@ -301,7 +297,7 @@ async def test_a_replica_started_without_redis_admits_one_at_a_time_until_it_joi
 async def test_a_flushed_redis_is_seeded_again_from_a_replicas_view(url: str) -> None:
     async with replicas(url, 2, limit=3) as (a, b):
         await a.admission.set_limit(2)
-        await eventually(lambda: _async(b.admission.limit == 2))  # b's view, by pub/sub
+        await eventually(lambda: b.admission.limit == 2)  # b's view, by pub/sub
         held = await slot(a, 1)
         client = Redis.from_url(url)
         await client.flushall()

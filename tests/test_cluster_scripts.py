@@ -52,6 +52,15 @@ async def pump(s: Scripts, *, gated: bool = False) -> Reply:
     return await s.pump(gated=gated, poll_lock_ms=POLL_LOCK_MS)
 
 
+async def rate_limited(s: Scripts, lease: str, epoch: int, pause_ms: int) -> Reply:
+    return await s.rate_limited(lease, epoch, pause_ms, gated=False, poll_lock_ms=POLL_LOCK_MS)
+
+
+async def usage(s: Scripts, sessions: int | None) -> Reply:
+    """A `/usage` answer under the usage gate, with a 1 s poll interval."""
+    return await s.usage(sessions, interval_ms=1_000, gated=True, poll_lock_ms=POLL_LOCK_MS)
+
+
 def granted(reply: Reply) -> list[str]:
     assert reply.pump is not None
     return [m.rpartition("|")[2] for m in reply.pump.granted]
@@ -159,12 +168,12 @@ async def test_a_new_429_extends_the_pause_never_shortens_it(client: Redis) -> N
     a = replica(client, "a")
     await start(a, 4)
     leases = [(await admit(a, i, str(i))).detail for i in range(3)]
-    first = await a.rate_limited(leases[0], 1, 2_000, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    first = await rate_limited(a, leases[0], 1, 2_000)
     assert first.detail.split()[0] == "1"
-    shorter = await a.rate_limited(leases[1], 1, 100, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    shorter = await rate_limited(a, leases[1], 1, 100)
     assert shorter.detail.split()[0] == "0"
     assert shorter.state.paused_ms > 1_500
-    longer = await a.rate_limited(leases[2], 1, 5_000, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    longer = await rate_limited(a, leases[2], 1, 5_000)
     assert longer.detail.split()[0] == "1"
     assert longer.state.paused_ms > 4_500
     # While paused nothing is admitted, the fast path included.
@@ -177,8 +186,8 @@ async def test_429s_of_one_overshoot_reduce_the_limit_once(client: Redis) -> Non
     epoch = state.epoch
     first = (await admit(a, 1, "1")).detail
     second = (await admit(b, 2, "2")).detail
-    one = await a.rate_limited(first, epoch, 0, gated=False, poll_lock_ms=POLL_LOCK_MS)
-    two = await b.rate_limited(second, epoch, 0, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    one = await rate_limited(a, first, epoch, 0)
+    two = await rate_limited(b, second, epoch, 0)
     assert one.detail.split()[1] == "1"
     assert two.detail.split()[1] == "0"
     assert two.state.limit == 3
@@ -186,9 +195,7 @@ async def test_429s_of_one_overshoot_reduce_the_limit_once(client: Redis) -> Non
     assert two.state.auto_reduced_from == 4
     # A slot admitted under the new limit that gets a 429 is a new overshoot.
     third = await admit(a, 3, "3")
-    again = await a.rate_limited(
-        third.detail, third.state.epoch, 0, gated=False, poll_lock_ms=POLL_LOCK_MS
-    )
+    again = await rate_limited(a, third.detail, third.state.epoch, 0)
     assert again.state.limit == 2
     assert again.state.auto_reduced_from == 4
 
@@ -197,7 +204,7 @@ async def test_a_limit_of_one_is_never_reduced(client: Redis) -> None:
     a = replica(client, "a")
     state = await start(a, 1)
     lease = (await admit(a, 1, "1")).detail
-    reply = await a.rate_limited(lease, state.epoch, 0, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    reply = await rate_limited(a, lease, state.epoch, 0)
     assert reply.state.limit == 1
     assert not reply.state.auto_reduced
 
@@ -208,7 +215,7 @@ async def test_a_manual_limit_clears_auto_reduce_bumps_the_epoch_and_wakes_every
     a = replica(client, "a")
     state = await start(a, 3)
     lease = (await admit(a, 1, "1")).detail
-    await a.rate_limited(lease, state.epoch, 0, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    await rate_limited(a, lease, state.epoch, 0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(a.channel)
     new = await a.set_limit(5)
@@ -254,7 +261,7 @@ async def test_the_usage_gate_polls_once_for_the_cluster_and_admits_one_per_poll
     assert first.pump is not None
     assert first.pump.code == "poll"
     # a's poll: room for one. It admits a1 and no more (the next needs a new poll).
-    room = await a.usage(1, interval_ms=1_000, gated=True, poll_lock_ms=POLL_LOCK_MS)
+    room = await usage(a, 1)
     assert room.kind == "room"
     assert granted(room) == ["a1"]
     # The slot that frees next needs a fresh poll, taken by b (its waiter is the head).
@@ -264,7 +271,7 @@ async def test_the_usage_gate_polls_once_for_the_cluster_and_admits_one_per_poll
     assert polled.pump.code == "poll"
     assert (await pump(a, gated=True)).pump is not None
     # The answer is "full": nobody may poll again within the interval.
-    full = await b.usage(3, interval_ms=1_000, gated=True, poll_lock_ms=POLL_LOCK_MS)
+    full = await usage(b, 3)
     assert full.kind == "full"
     assert granted(full) == []
     wait = await pump(b, gated=True)
@@ -274,7 +281,7 @@ async def test_the_usage_gate_polls_once_for_the_cluster_and_admits_one_per_poll
     # No information: admit as without a gate.
     await client.delete(keys_for("p")[9])
     assert (await pump(b, gated=True)).pump is not None
-    no_info = await b.usage(None, interval_ms=1_000, gated=True, poll_lock_ms=POLL_LOCK_MS)
+    no_info = await usage(b, None)
     assert no_info.kind == "no_info"
     assert granted(no_info) == ["b1"]
 

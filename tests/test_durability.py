@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
-from tests.conftest import proxy_config
+from tests.conftest import proxy_config, sim_provider
 from tests.servers import Server, start
 
 SEED = int(os.environ.get("SLUICE_TEST_SEED", random.randrange(2**32)))
@@ -141,15 +141,6 @@ def sluice(sim: Server, tmp_path: Path) -> Iterator[Callable[[str], Sluice]]:
         proxy.stop()
 
 
-def provider_block(sim: Server, provider_id: str, settings: str = "") -> str:
-    return f"""
-        [[providers]]
-        id = "{provider_id}"
-        base_url = "{sim.url}/v1"
-        {settings}
-        """
-
-
 def check_restored(client: httpx.Client, allowed: dict[str, Allowed], context: str) -> None:
     """Every provider shows an allowed value through every route; then those are the
     known values for the next round."""
@@ -248,7 +239,7 @@ def test_acknowledged_admin_writes_survive_sigkill(
     sim: Server, sluice: Callable[[str], Sluice]
 ) -> None:
     rng = random.Random(SEED)
-    proxy = sluice("".join(provider_block(sim, p, f"limit = {CONFIG_LIMIT}") for p in WRITERS))
+    proxy = sluice("".join(sim_provider(sim, p, limit=CONFIG_LIMIT) for p in WRITERS))
     allowed = {p: Allowed() for p in WRITERS}
     proxy.start()
     rounds = ["immediate"] * 5 + ["delayed"] * 4 + ["burst"] * 5
@@ -302,8 +293,8 @@ def concurrent_requests(base_url: str, count: int, tokens: int = 5) -> list[thre
 def test_429_reductions_survive_sigkill(sim_reset: Server, sluice: Callable[[str], Sluice]) -> None:
     rng = random.Random(SEED + 1)
     proxy = sluice(
-        provider_block(sim_reset, REDUCED, f"limit = {CONFIG_LIMIT}\ncooldown_ms = 20")
-        + provider_block(sim_reset, "p0", f"limit = {CONFIG_LIMIT}")
+        sim_provider(sim_reset, REDUCED, limit=CONFIG_LIMIT, cooldown_ms=20)
+        + sim_provider(sim_reset, "p0", limit=CONFIG_LIMIT)
     )
     proxy.start()
     try:
@@ -359,7 +350,7 @@ def test_a_changed_config_value_wins_over_the_stored_one(
     sim: Server, sluice: Callable[[str], Sluice]
 ) -> None:
     def configure(limit: int, cooldown_ms: int) -> Sluice:
-        return sluice(provider_block(sim, "p", f"limit = {limit}\ncooldown_ms = {cooldown_ms}"))
+        return sluice(sim_provider(sim, "p", limit=limit, cooldown_ms=cooldown_ms))
 
     def restart(proxy: Sluice) -> dict[str, Any]:
         proxy.stop(signal.SIGTERM)
@@ -407,7 +398,7 @@ def test_a_config_value_changed_back_does_not_revive_a_stale_stored_limit(
     sim: Server, sluice: Callable[[str], Sluice]
 ) -> None:
     def configure(limit: int) -> Sluice:
-        return sluice(provider_block(sim, "p", f"limit = {limit}"))
+        return sluice(sim_provider(sim, "p", limit=limit))
 
     proxy = configure(4)
     proxy.start()
@@ -443,7 +434,7 @@ def flood_the_journal(proxy: Sluice) -> None:
         thread.join(timeout=30)
 
 
-FLOOD = "limit = 1000\nretry_on_429 = 0"
+FLOOD: dict[str, object] = {"limit": 1000, "retry_on_429": 0}
 
 
 @pytest.fixture
@@ -459,8 +450,8 @@ def test_a_manual_limit_set_right_after_a_429_survives_a_restart(
     refusing_sim: Server, sluice: Callable[[str], Sluice]
 ) -> None:
     proxy = sluice(
-        provider_block(refusing_sim, REDUCED, "limit = 4\nretry_on_429 = 0")
-        + provider_block(refusing_sim, "flood", FLOOD)
+        sim_provider(refusing_sim, REDUCED, limit=4, retry_on_429=0)
+        + sim_provider(refusing_sim, "flood", **FLOOD)
     )
     proxy.start()
     # The admin write races the background writer, so a few attempts; each takes

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from proxy.errors import BadRequest
 from proxy.headers import prompt_started_at_ms
-from tests.conftest import proxy_config
-from tests.servers import Server, start
+from tests.conftest import start_proxy
+from tests.servers import Server
 
 pytestmark = pytest.mark.e2e
 
@@ -151,7 +151,7 @@ def proxy(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """One proxy with an admin token: provider `fz` (the default, a high limit, no
     cooldown) takes the header and path fuzzing, `adm` the admin fuzzing."""
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    config, port = proxy_config(
+    server = start_proxy(
         tmp,
         f"""
         [[providers]]
@@ -170,7 +170,6 @@ def proxy(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Itera
         server=f'admin_token = "{ADMIN_TOKEN}"',
         admission="cooldown_ms = 0",
     )
-    server = start(["serve", "--config", str(config)], port)
     yield server
     server.stop()
 

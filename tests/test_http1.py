@@ -241,6 +241,17 @@ async def wait_for_close(peer: Peer) -> None:
         pass
 
 
+def silent_after(data: bytes) -> Handler:
+    """Write `data` once the request is in, then nothing more until the client closes."""
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        peer.write(data)
+        await wait_for_close(peer)
+
+    return handle
+
+
 async def let_the_client_read() -> None:
     """Give the event loop a few turns. Bytes written on loopback are in the client's
     socket at once, so this makes the client read them before the server writes more
@@ -839,13 +850,9 @@ async def test_close_fails_a_response_still_streaming(serve: Serve) -> None:
     """Closing the transport (shutdown) while a body streams must end the reader with
     an error, not leave it waiting forever for bytes that can no longer come."""
     transport = Http1Transport(connect_timeout_s=2, read_timeout_s=30, provider_id="test")
-
-    async def handle(peer: Peer) -> None:
-        await peer.request()
-        peer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-        await wait_for_close(peer)
-
-    server = await serve(handle)
+    server = await serve(
+        silent_after(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+    )
     try:
         response = await transport.send("GET", server.url("/"), [], b"")
         stream = response.chunks()
@@ -923,13 +930,7 @@ async def test_a_malformed_head_is_502_at_once(
 ) -> None:
     """The server keeps the connection open: only the parse error can end the wait
     (a timeout would be UpstreamTimeout, not UpstreamUnavailable)."""
-
-    async def handle(peer: Peer) -> None:
-        await peer.request()
-        peer.write(wire)
-        await wait_for_close(peer)
-
-    server = await serve(handle)
+    server = await serve(silent_after(wire))
     with pytest.raises(UpstreamUnavailable):
         await transport.send("GET", server.url("/"), [], b"")
     await eventually(server.peers[0].closed.is_set, within=1)
@@ -987,12 +988,9 @@ async def test_a_body_cut_short_is_502_from_the_body(
 async def test_a_malformed_chunk_is_502_from_the_body(
     transport: Http1Transport, serve: Serve
 ) -> None:
-    async def handle(peer: Peer) -> None:
-        await peer.request()
-        peer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n")
-        await wait_for_close(peer)
-
-    server = await serve(handle)
+    server = await serve(
+        silent_after(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n")
+    )
     response = await transport.send("GET", server.url("/"), [], b"")
     with pytest.raises(UpstreamUnavailable):
         await response.read()
@@ -1016,13 +1014,9 @@ async def test_silence_mid_body_is_504_from_chunks(
     make_transport: MakeTransport, serve: Serve
 ) -> None:
     transport = make_transport(read_timeout_s=0.3)
-
-    async def handle(peer: Peer) -> None:
-        await peer.request()
-        peer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
-        await wait_for_close(peer)
-
-    server = await serve(handle)
+    server = await serve(
+        silent_after(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+    )
     response = await transport.send("GET", server.url("/"), [], b"")
     received: list[bytes] = []
     started = time.monotonic()

@@ -330,6 +330,14 @@ def run(policy: Policy, gate: bool, steps: list[Op]) -> None:
     model.drain()
 
 
+@pytest.mark.parametrize(
+    ("queue_timeout_s", "max_queue"),
+    [
+        # No waiter times out within a run, and the default max_queue.
+        pytest.param(1e9, Policy.max_queue, id="unbounded"),
+        pytest.param(1.5, 3, id="queue-bounds"),
+    ],
+)
 @settings(max_examples=150, deadline=None, database=None)
 @given(
     steps=ops,
@@ -338,7 +346,12 @@ def run(policy: Policy, gate: bool, steps: list[Op]) -> None:
     gate=st.booleans(),
 )
 def test_random_interleavings_keep_every_admission_rule(
-    steps: list[Op], limit: int, cooldown_ms: int, gate: bool
+    queue_timeout_s: float,
+    max_queue: int,
+    steps: list[Op],
+    limit: int,
+    cooldown_ms: int,
+    gate: bool,
 ) -> None:
     policy = Policy(
         limit=limit,
@@ -347,31 +360,8 @@ def test_random_interleavings_keep_every_admission_rule(
         watchdog_interval_s=1.0,
         pause_s=3.0,
         usage_poll_interval_ms=500,
-        queue_timeout_s=1e9,  # bounds: the next test
-        usage_gate=gate,
-    )
-    run(policy, gate, steps)
-
-
-@settings(max_examples=150, deadline=None, database=None)
-@given(
-    steps=ops,
-    limit=st.integers(1, 4),
-    cooldown_ms=st.sampled_from([0, 250, 1000]),
-    gate=st.booleans(),
-)
-def test_random_interleavings_with_queue_bounds_keep_every_admission_rule(
-    steps: list[Op], limit: int, cooldown_ms: int, gate: bool
-) -> None:
-    policy = Policy(
-        limit=limit,
-        cooldown_ms=cooldown_ms,
-        slot_timeout_s=4.0,
-        watchdog_interval_s=1.0,
-        pause_s=3.0,
-        usage_poll_interval_ms=500,
-        queue_timeout_s=1.5,
-        max_queue=3,
+        queue_timeout_s=queue_timeout_s,
+        max_queue=max_queue,
         usage_gate=gate,
     )
     run(policy, gate, steps)

@@ -12,8 +12,9 @@ import openai
 import pytest
 
 from proxy.sim import expected_content
-from tests.conftest import proxy_config
-from tests.servers import Server, free_port, start
+from tests.conftest import chat, sim_provider, start_proxy
+from tests.servers import Server, free_port
+from tests.waiting import wait_until
 
 PROVIDER_KEY = "sk-provider-secret-7f3a"
 
@@ -21,32 +22,20 @@ PROVIDER_KEY = "sk-provider-secret-7f3a"
 @pytest.fixture(scope="module")
 def proxy(sim: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     dead_port = free_port()  # nothing listens here
-    providers = f"""
-        [[providers]]
-        id = "sim"
-        base_url = "{sim.url}/v1"
-        default = true
-        limit = 50
-
-        [[providers]]
-        id = "keyed"
-        base_url = "{sim.url}/v1"
-        api_key = "{PROVIDER_KEY}"
-
+    providers = (
+        sim_provider(sim, "sim", default=True, limit=50)
+        + sim_provider(sim, "keyed", api_key=PROVIDER_KEY)
+        + f"""
         [[providers]]
         id = "down"
         base_url = "http://127.0.0.1:{dead_port}/v1"
         """
-    config, port = proxy_config(
+    )
+    server = start_proxy(
         tmp_path_factory.mktemp("proxy"), providers, server="max_body_bytes = 4096"
     )
-    server = start(["serve", "--config", str(config)], port)
     yield server
     server.stop()
-
-
-def chat(stream: bool = False) -> dict[str, object]:
-    return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
 # ----------------------------------------------------------------- the OpenAI SDK
@@ -114,14 +103,12 @@ def test_client_disconnect_mid_stream_closes_the_upstream(proxy: Server, sim_res
         "POST", proxy.url + "/v1/chat/completions", json=chat(True), headers=headers
     ) as response:
         next(response.iter_lines())  # the stream is running
-    deadline = time.monotonic() + 5
-    stats: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        stats = httpx.get(sim_reset.url + "/sim/stats").json()
-        if stats["disconnected"] == 1:
-            break
-        time.sleep(0.02)
-    assert stats["disconnected"] == 1
+
+    def disconnected() -> dict[str, int] | None:
+        stats: dict[str, int] = httpx.get(sim_reset.url + "/sim/stats").json()
+        return stats if stats["disconnected"] == 1 else None
+
+    stats = wait_until(disconnected, within=5)
     assert stats["inFlight"] == 0
     assert stats["completed"] == 0
     status = httpx.get(proxy.url + "/concurrency/status/sim").json()

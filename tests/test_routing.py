@@ -73,13 +73,18 @@ def test_percent_encoded_provider_id(router: Router[str]) -> None:
     assert route == Route("SIM", b"/models", "/models")
 
 
-@pytest.mark.parametrize("path", ["/nope/v1/models", "/MAIN/v1/models", "//v1/models"])
-def test_unknown_provider_is_not_found_listing_prefixes(router: Router[str], path: str) -> None:
+def assert_not_found_listing_prefixes(router: Router[str], path: str) -> None:
+    """A 404 whose message lists every provider's prefix, so the client can fix the URL."""
     with pytest.raises(NotFound) as caught:
         router.resolve(path, path.encode())
     assert caught.value.status == 404
     assert "/main/v1/" in caught.value.message
     assert "/sim/v1/" in caught.value.message
+
+
+@pytest.mark.parametrize("path", ["/nope/v1/models", "/MAIN/v1/models", "//v1/models"])
+def test_unknown_provider_is_not_found_listing_prefixes(router: Router[str], path: str) -> None:
+    assert_not_found_listing_prefixes(router, path)
 
 
 def test_unknown_provider_message_names_it(router: Router[str]) -> None:
@@ -90,11 +95,7 @@ def test_unknown_provider_message_names_it(router: Router[str]) -> None:
 def test_no_default_with_several_providers_is_not_found_listing_prefixes(
     no_default: Router[str],
 ) -> None:
-    with pytest.raises(NotFound) as caught:
-        no_default.resolve("/v1/models", b"/v1/models")
-    assert caught.value.status == 404
-    assert "/main/v1/" in caught.value.message
-    assert "/sim/v1/" in caught.value.message
+    assert_not_found_listing_prefixes(no_default, "/v1/models")
 
 
 def test_no_default_still_routes_prefixes(no_default: Router[str]) -> None:

@@ -22,29 +22,14 @@ from proxy import status as status_cli
 from proxy.cli import build_parser
 from proxy.settings import load, resolve_providers
 from proxy.sim import expected_content
-from tests.conftest import ProxyFactory, proxy_config
-from tests.servers import Server, start
+from tests.conftest import ProxyFactory, chat, sim_provider, start_proxy
+from tests.servers import Server
 from tests.waiting import wait_until
 
 PROVIDER_KEY = "sk-provider-key-4c9e1d"
 CLIENT_KEY = "sk-client-key-77aa02"
 ADMIN_TOKEN = "admin-token-5b5b"
 NOTICE_3 = "Concurrency limit auto-reduced to 3 after a 429 — restore manually when ready."
-
-
-def provider_toml(sim: Server, limit: int = 2, key: str | None = None) -> str:
-    key_line = f'api_key = "{key}"' if key else ""
-    return f"""
-        [[providers]]
-        id = "sim"
-        base_url = "{sim.url}/v1"
-        limit = {limit}
-        {key_line}
-        """
-
-
-def chat(stream: bool = False) -> dict[str, object]:
-    return {"model": "sim-1", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
 
 
 def metric(text: str, name: str) -> float:
@@ -57,7 +42,7 @@ def metric(text: str, name: str) -> float:
 @pytest.fixture
 def keyed_proxy(make_proxy: ProxyFactory, sim_reset: Server) -> Server:
     return make_proxy(
-        provider_toml(sim_reset, limit=1, key=PROVIDER_KEY),
+        sim_provider(sim_reset, limit=1, api_key=PROVIDER_KEY),
         server=f'admin_token = "{ADMIN_TOKEN}"\nlog_format = "json"',
         admission="cooldown_ms = 0",
     )
@@ -152,10 +137,11 @@ def test_metrics_move_as_requests_flow_queue_and_finish(keyed_proxy: Server) -> 
 def test_sigterm_lets_open_streams_finish_and_exits_0(
     sim_reset: Server, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    config, port = proxy_config(
-        tmp_path_factory.mktemp("grace"), provider_toml(sim_reset), server="shutdown_grace_s = 10"
+    proxy = start_proxy(
+        tmp_path_factory.mktemp("grace"),
+        sim_provider(sim_reset, limit=2),
+        server="shutdown_grace_s = 10",
     )
-    proxy = start(["serve", "--config", str(config)], port)
     headers = {"x-sim-tokens": "30", "x-sim-token-delay-ms": "30"}
     received: list[str] = []
     with httpx.stream(
@@ -179,7 +165,7 @@ def test_sigterm_lets_open_streams_finish_and_exits_0(
 
 
 def test_status_command_renders_a_live_proxy(make_proxy: ProxyFactory, sim_reset: Server) -> None:
-    proxy = make_proxy(provider_toml(sim_reset, limit=3), server=f'admin_token = "{ADMIN_TOKEN}"')
+    proxy = make_proxy(sim_provider(sim_reset, limit=3), server=f'admin_token = "{ADMIN_TOKEN}"')
     out = io.StringIO()
     args = argparse.Namespace(url=proxy.url, token=ADMIN_TOKEN)
     assert status_cli.run(args, out) == 0

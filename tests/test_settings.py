@@ -4,12 +4,14 @@ code of `sluice serve` on a bad config."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,11 @@ def toml_table(header: str, values: dict[str, Any]) -> str:
     return header + "\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
 
 
+def provider_table(provider_id: str = "umans", base_url: str = "https://x.example/v1") -> str:
+    """A `[[providers]]` table with only the keys it must have."""
+    return toml_table("[[providers]]", {"id": provider_id, "base_url": base_url})
+
+
 def plain(value: Any) -> Any:
     """A settings value as the plain TOML value it was written from."""
     if isinstance(value, SecretStr):
@@ -186,15 +193,18 @@ def load_text(tmp_path: Path, text: str) -> Settings:
     return load(write(tmp_path, text))
 
 
-def assert_one_line(err: ConfigError, *names: str) -> str:
-    """The contract of every config error: one line, the prefix, the key it is about."""
-    message = str(err)
+@contextlib.contextmanager
+def one_line_error(*names: str) -> Iterator[None]:
+    """The block raises a ConfigError with the contract of every config error: one
+    line, the prefix, the key it is about."""
+    with pytest.raises(ConfigError) as caught:
+        yield
+    message = str(caught.value)
     assert "\n" not in message, repr(message)
     assert "\r" not in message, repr(message)
     assert message.startswith("config error:"), message
     for name in names:
         assert name in message, message
-    return message
 
 
 # --- every key, from TOML and from the environment ---------------------------------
@@ -647,6 +657,11 @@ BAD_URLS = [
     "https://api.umans.ai/v1#frag",
     "",
 ]
+BAD_AUTHORITY_URLS = [
+    "https://api.umans.ai:99999/v1",
+    "https://api.umans.ai:port/v1",
+    "https://api umans.ai/v1",
+]
 BAD_IDS = [
     "",
     "Umans",
@@ -667,75 +682,56 @@ def test_config_error_is_one_line_naming_the_key(
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error(key):
         load_text(tmp_path, text)
-    assert_one_line(caught.value, key)
 
 
 def test_provider_admitted_paths_must_be_absolute(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("providers[0].admitted_paths"):
         load_text(tmp_path, PROVIDER_TOML + "admitted_paths = ['chat/completions']\n")
-    assert_one_line(caught.value, "providers[0].admitted_paths")
-
-
-@pytest.mark.parametrize("url", BAD_URLS)
-def test_bad_base_url_is_rejected(tmp_path: Path, url: str) -> None:
-    text = f"[[providers]]\nid = 'umans'\nbase_url = {toml_value(url)}\n"
-    with pytest.raises(ConfigError) as caught:
-        load_text(tmp_path, text)
-    assert_one_line(caught.value, "providers[0].base_url")
 
 
 @pytest.mark.parametrize(
     "url",
-    ["https://api.umans.ai:99999/v1", "https://api.umans.ai:port/v1", "https://api umans.ai/v1"],
+    BAD_URLS + [pytest.param(url, id=f"bad authority {url}") for url in BAD_AUTHORITY_URLS],
 )
-def test_base_url_with_a_bad_authority_is_rejected(tmp_path: Path, url: str) -> None:
-    text = f"[[providers]]\nid = 'umans'\nbase_url = {toml_value(url)}\n"
-    with pytest.raises(ConfigError) as caught:
-        load_text(tmp_path, text)
-    assert_one_line(caught.value, "providers[0].base_url")
+def test_bad_base_url_is_rejected(tmp_path: Path, url: str) -> None:
+    with one_line_error("providers[0].base_url"):
+        load_text(tmp_path, provider_table(base_url=url))
 
 
 @pytest.mark.parametrize("provider_id", BAD_IDS)
 def test_bad_provider_id_is_rejected(tmp_path: Path, provider_id: str) -> None:
-    text = f"[[providers]]\nid = {toml_value(provider_id)}\nbase_url = 'https://x.example/v1'\n"
-    with pytest.raises(ConfigError) as caught:
-        load_text(tmp_path, text)
-    assert_one_line(caught.value, "providers[0].id")
+    with one_line_error("providers[0].id"):
+        load_text(tmp_path, provider_table(provider_id))
 
 
 @pytest.mark.parametrize("provider_id", ["a", "0", "umans", "open-ai_2", "x" * 64])
 def test_good_provider_ids_are_accepted(tmp_path: Path, provider_id: str) -> None:
-    text = f"[[providers]]\nid = {toml_value(provider_id)}\nbase_url = 'https://x.example/v1'\n"
-    assert load_text(tmp_path, text).providers[0].id == provider_id
+    assert load_text(tmp_path, provider_table(provider_id)).providers[0].id == provider_id
 
 
 def test_duplicate_id_names_both_places(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("providers[2].id", "umans"):
         load_text(tmp_path, PROVIDER_TOML + SECOND_PROVIDER_TOML + PROVIDER_TOML)
-    assert_one_line(caught.value, "providers[2].id", "umans")
 
 
 def test_two_defaults_names_them(tmp_path: Path) -> None:
     text = PROVIDER_TOML + "default = true\n" + SECOND_PROVIDER_TOML + "default = true\n"
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("umans", "openai"):
         load_text(tmp_path, text)
-    assert_one_line(caught.value, "umans", "openai")
 
 
 def test_no_providers_says_one_is_required() -> None:
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("providers", "[[providers]]"):
         load(None)
-    assert_one_line(caught.value, "providers", "[[providers]]")
 
 
 def test_unset_api_key_env_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UMANS_TEST_UNSET_KEY", raising=False)
     settings = load_text(tmp_path, PROVIDER_TOML + "api_key_env = 'UMANS_TEST_UNSET_KEY'\n")
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("providers[0].api_key_env", "UMANS_TEST_UNSET_KEY"):
         resolve_providers(settings)
-    assert_one_line(caught.value, "providers[0].api_key_env", "UMANS_TEST_UNSET_KEY")
 
 
 def test_empty_api_key_env_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -743,56 +739,48 @@ def test_empty_api_key_env_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
     settings = load_text(
         tmp_path, SECOND_PROVIDER_TOML + PROVIDER_TOML + "api_key_env = 'UMANS_API_KEY'\n"
     )
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("providers[1].api_key_env", "UMANS_API_KEY"):
         resolve_providers(settings)
-    assert_one_line(caught.value, "providers[1].api_key_env", "UMANS_API_KEY")
 
 
 def test_invalid_toml_names_the_file_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nport = = 1\n")
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error(str(path), "invalid TOML", "line 2"):
         load(path)
-    assert_one_line(caught.value, str(path), "invalid TOML", "line 2")
 
 
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"# caf\xe9\n" + PROVIDER_TOML.encode())
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error(str(path)):
         load(path)
-    assert_one_line(caught.value, str(path))
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.toml"
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error(str(path), "No such file"):
         load(path)
-    assert_one_line(caught.value, str(path), "No such file")
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error(str(tmp_path)):
         load(tmp_path)
-    assert_one_line(caught.value, str(tmp_path))
 
 
 def test_unknown_key_with_a_newline_stays_on_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("server."):
         load_text(tmp_path, '[server]\n"po\\nrt" = 1\n' + PROVIDER_TOML)
-    assert_one_line(caught.value, "server.")
 
 
 def test_infinite_seconds_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("server.shutdown_grace_s"):
         load_text(tmp_path, "[server]\nshutdown_grace_s = inf\n" + PROVIDER_TOML)
-    assert_one_line(caught.value, "server.shutdown_grace_s")
 
 
 def test_missing_ca_bundle_is_a_config_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-ca.pem"
-    with pytest.raises(ConfigError) as caught:
+    with one_line_error("server.ca_bundle"):
         load_text(tmp_path, f"[server]\nca_bundle = {toml_value(str(missing))}\n" + PROVIDER_TOML)
-    assert_one_line(caught.value, "server.ca_bundle")
 
 
 # --- the CLI: exit code 2, one line, no traceback ------------------------------------
@@ -948,8 +936,7 @@ def test_several_providers_have_no_default_unless_marked(tmp_path: Path) -> None
     ],
 )
 def test_base_url_trailing_slash_is_stripped(tmp_path: Path, url: str, expected: str) -> None:
-    text = f"[[providers]]\nid = 'umans'\nbase_url = {toml_value(url)}\n"
-    (resolved,) = resolve_providers(load_text(tmp_path, text))
+    (resolved,) = resolve_providers(load_text(tmp_path, provider_table(base_url=url)))
     assert resolved.base_url == expected
 
 

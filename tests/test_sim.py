@@ -13,7 +13,10 @@ import httpx
 import pytest
 
 from proxy.sim import LaggedCount, Message, SimApp, SimConfig, expected_content
-from tests.servers import Server, free_port, running
+from tests.conftest import sim_client, sim_running
+from tests.conftest import sim_stats as stats
+from tests.fakes import FakeTime
+from tests.servers import Server
 from tests.waiting import wait_until as wait_for
 
 BASELINE = {
@@ -39,24 +42,15 @@ def sse_events(lines: Iterator[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sim_server() -> Iterator[Server]:
-    port = free_port()
-    with running(["sim", "--port", str(port), "--tokens", "4", "--token-delay-ms", "1"], port) as s:
-        yield s
+    with sim_running("--tokens", "4", "--token-delay-ms", "1") as server:
+        yield server
 
 
 @pytest.fixture
 def client(sim_server: Server) -> Iterator[httpx.Client]:
     """A client on a sim with the baseline config and zeroed stats."""
-    with httpx.Client(base_url=sim_server.url, timeout=5.0) as http:
-        http.post("/sim/config", json=BASELINE).raise_for_status()
-        wait_for(lambda: http.get("/sim/stats").json()["inFlight"] == 0)
-        http.post("/sim/reset").raise_for_status()
+    with sim_client(sim_server, BASELINE) as http:
         yield http
-
-
-def stats(client: httpx.Client) -> dict[str, int]:
-    result: dict[str, int] = client.get("/sim/stats").json()
-    return result
 
 
 @pytest.mark.e2e
@@ -269,9 +263,8 @@ def test_unknown_route_and_bad_body(client: httpx.Client) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_flags_and_clean_exit_on_signal(sig: signal.Signals) -> None:
-    port = free_port()
-    args = ["sim", "--port", str(port), "--hard-cap", "4", "--outside-load", "1"]
-    with running([*args, "--usage-lag-ms", "30", "--retry-after-s", "3"], port) as server:
+    caps = ["--hard-cap", "4", "--outside-load", "1"]
+    with sim_running(*caps, "--usage-lag-ms", "30", "--retry-after-s", "3") as server:
         config = httpx.get(server.url + "/sim/config").json()
         assert config == {
             **BASELINE,
@@ -291,32 +284,24 @@ def test_flags_and_clean_exit_on_signal(sig: signal.Signals) -> None:
 # --- in-process, on a fake clock --------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_lagged_count_reports_the_count_lag_seconds_ago() -> None:
-    clock = FakeClock()
-    lagged = LaggedCount(clock, lag_s=1.0)
+    ft = FakeTime(100.0)
+    lagged = LaggedCount(ft.clock, lag_s=1.0)
     lagged.record(1)
-    clock.now += 0.5
+    ft.advance(0.5)
     lagged.record(2)
     assert lagged.value() == 0
-    clock.now += 0.5
+    ft.advance(0.5)
     assert lagged.value() == 1
-    clock.now += 0.49
+    ft.advance(0.49)
     assert lagged.value() == 1
-    clock.now += 0.01
+    ft.advance(0.01)
     assert lagged.value() == 2
 
 
 def test_lagged_count_with_no_lag_is_the_latest_and_remembers_one_value() -> None:
-    clock = FakeClock()
-    lagged = LaggedCount(clock)
+    ft = FakeTime(100.0)
+    lagged = LaggedCount(ft.clock)
     for count in (1, 2, 3, 2):
         lagged.record(count)
     assert lagged.value() == 2
@@ -324,10 +309,10 @@ def test_lagged_count_with_no_lag_is_the_latest_and_remembers_one_value() -> Non
 
 
 def test_lagged_count_forgets_changes_older_than_the_window() -> None:
-    clock = FakeClock()
-    lagged = LaggedCount(clock, lag_s=0.1)
+    ft = FakeTime(100.0)
+    lagged = LaggedCount(ft.clock, lag_s=0.1)
     for count in range(1000):
-        clock.now += 0.01
+        ft.advance(0.01)
         lagged.record(count)
     assert len(lagged) <= 12
     assert lagged.value() == 989
@@ -384,35 +369,40 @@ async def call(
     return exchange
 
 
+_SLOW_HEADERS = {"x_sim_tokens": "5", "x_sim_token_delay_ms": "60000"}
+
+
+async def open_stream(app: SimApp) -> tuple[Exchange, asyncio.Task[None]]:
+    """A stream that outlives the test, running once its response has started."""
+    exchange = Exchange(app, "POST", "/v1/chat/completions", {"stream": True}, **_SLOW_HEADERS)
+    task = asyncio.create_task(exchange.run())
+    await exchange.started.wait()
+    return exchange, task
+
+
 async def test_usage_lags_the_true_count_on_the_fake_clock() -> None:
-    clock = FakeClock()
-    app = SimApp(SimConfig(usage_lag_ms=1000, outside_load=2), clock=clock)
+    ft = FakeTime(100.0)
+    app = SimApp(SimConfig(usage_lag_ms=1000, outside_load=2), clock=ft.clock)
 
     async def usage() -> int:
         sessions: int = (await call(app, "GET", "/v1/usage")).json()["usage"]["concurrent_sessions"]
         return sessions
 
-    async def open_stream() -> tuple[Exchange, asyncio.Task[None]]:
-        exchange = Exchange(app, "POST", "/v1/chat/completions", {"stream": True}, **_SLOW_HEADERS)
-        task = asyncio.create_task(exchange.run())
-        await exchange.started.wait()
-        return exchange, task
-
-    first, first_task = await open_stream()
+    first, first_task = await open_stream(app)
     assert app.stats.in_flight == 1
     assert await usage() == 2
-    clock.now += 1.0
+    ft.advance(1.0)
     assert await usage() == 3
-    second, second_task = await open_stream()
+    second, second_task = await open_stream(app)
     assert await usage() == 3
-    clock.now += 1.0
+    ft.advance(1.0)
     assert await usage() == 4
 
     first.gone.set()
     await first_task
     assert app.stats.in_flight == 1
     assert await usage() == 4
-    clock.now += 1.0
+    ft.advance(1.0)
     assert await usage() == 3
 
     second.gone.set()
@@ -421,28 +411,21 @@ async def test_usage_lags_the_true_count_on_the_fake_clock() -> None:
     assert app.stats.usage_polls == 6
 
 
-_SLOW_HEADERS = {"x_sim_tokens": "5", "x_sim_token_delay_ms": "60000"}
-
-
 async def test_raising_the_lag_live_takes_effect() -> None:
-    clock = FakeClock()
-    app = SimApp(SimConfig(token_delay_ms=0), clock=clock)
-    exchange = Exchange(app, "POST", "/v1/chat/completions", {"stream": True}, **_SLOW_HEADERS)
-    task = asyncio.create_task(exchange.run())
-    await exchange.started.wait()
+    ft = FakeTime(100.0)
+    app = SimApp(SimConfig(token_delay_ms=0), clock=ft.clock)
+    exchange, task = await open_stream(app)
     assert (await call(app, "POST", "/sim/config", {"usageLagMs": 500})).status == 200
     exchange.gone.set()
     await task
     assert app.usage()["usage"]["concurrent_sessions"] == 1
-    clock.now += 0.5
+    ft.advance(0.5)
     assert app.usage()["usage"]["concurrent_sessions"] == 0
 
 
 async def test_reset_keeps_requests_in_flight() -> None:
     app = SimApp(SimConfig())
-    exchange = Exchange(app, "POST", "/v1/chat/completions", {"stream": True}, **_SLOW_HEADERS)
-    task = asyncio.create_task(exchange.run())
-    await exchange.started.wait()
+    exchange, task = await open_stream(app)
     reset = (await call(app, "POST", "/sim/reset")).json()
     assert (reset["inFlight"], reset["maxInFlight"], reset["requests"]) == (1, 1, 0)
     exchange.gone.set()

@@ -31,7 +31,9 @@ from proxy.sim import (
     expected_content,
 )
 from proxy.upstream import parse_usage
-from tests.servers import Server, free_port, running
+from tests.conftest import sim_client, sim_running
+from tests.conftest import sim_stats as stats
+from tests.servers import Server
 from tests.waiting import wait_until as wait_for
 
 pytestmark = pytest.mark.e2e
@@ -55,24 +57,15 @@ STREAM: dict[str, Any] = {**CHAT, "stream": True}
 
 @pytest.fixture(scope="module")
 def sim_server() -> Iterator[Server]:
-    port = free_port()
-    with running(["sim", "--port", str(port), "--tokens", "6", "--token-delay-ms", "2"], port) as s:
-        yield s
+    with sim_running("--tokens", "6", "--token-delay-ms", "2") as server:
+        yield server
 
 
 @pytest.fixture
 def client(sim_server: Server) -> Iterator[httpx.Client]:
     """A client on a sim with no faults configured and zeroed stats."""
-    with httpx.Client(base_url=sim_server.url, timeout=5.0) as http:
-        http.post("/sim/config", json=BASELINE).raise_for_status()
-        wait_for(lambda: http.get("/sim/stats").json()["inFlight"] == 0)
-        http.post("/sim/reset").raise_for_status()
+    with sim_client(sim_server, BASELINE) as http:
         yield http
-
-
-def stats(client: httpx.Client) -> dict[str, Any]:
-    result: dict[str, Any] = client.get("/sim/stats").json()
-    return result
 
 
 def faults(client: httpx.Client) -> dict[str, int]:
@@ -387,9 +380,8 @@ def test_usage_nested_is_valid_json_too_deep_to_parse(client: httpx.Client) -> N
 
 
 def test_fault_flags_configure_a_new_sim() -> None:
-    port = free_port()
     flags = ["--fault-rate", "500=1", "--seed", "3", "--stall-s", "0.5", "--usage-fault", "status"]
-    with running(["sim", "--port", str(port), *flags], port) as server:
+    with sim_running(*flags) as server:
         config = httpx.get(server.url + "/sim/config").json()
         assert {key: config[key] for key in _FAULT_KEYS} == {
             "faults": {"500": 1.0},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -45,6 +46,27 @@ def provider(base_url: str = BASE, api_key: str | None = KEY) -> ProviderConfig:
         retry_on_429=2,
         admitted_paths=("/chat/completions",),
     )
+
+
+def recording(seen: list[httpx.Request], status: int, **response: Any) -> Handler:
+    """A handler that keeps every request in `seen` and answers `status`."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, **response)
+
+    return handler
+
+
+async def poll_usage_answered(upstream: Upstream, answer: httpx.Response | Exception) -> int | None:
+    """`poll_usage` through the real transport, respx answering its one GET /usage."""
+    with respx.mock(assert_all_called=True) as mock:
+        route = mock.get(f"{BASE}/usage")
+        if isinstance(answer, Exception):
+            route.mock(side_effect=answer)
+        else:
+            route.mock(return_value=answer)
+        return await upstream.poll_usage()
 
 
 @pytest.fixture
@@ -241,12 +263,7 @@ async def test_url_never_leaves_the_base_host(path: str, base_path: str) -> None
 
 async def test_send_forwards_method_url_headers_and_body(make_upstream: MakeUpstream) -> None:
     seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(201, headers={"x-up": "1"}, content=b"created")
-
-    upstream = make_upstream(handler)
+    upstream = make_upstream(recording(seen, 201, headers={"x-up": "1"}, content=b"created"))
     url = upstream.url(b"/files/a%20b", b"x=1")
     headers = upstream.request_headers(
         [(b"authorization", CLIENT_AUTH), (b"connection", b"close"), (b"x-conversation-id", b"c")]
@@ -342,11 +359,7 @@ async def test_poll_usage_reads_concurrent_sessions(make_upstream: MakeUpstream)
 
 async def test_poll_usage_has_a_short_timeout(make_upstream: MakeUpstream) -> None:
     seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"usage": {"concurrent_sessions": 0}})
-
+    handler = recording(seen, 200, json={"usage": {"concurrent_sessions": 0}})
     assert await make_upstream(handler).poll_usage() == 0
     assert seen[0].extensions["timeout"]["read"] == USAGE_TIMEOUT_S
 
@@ -355,20 +368,14 @@ async def test_poll_usage_without_a_key_sends_no_authorization(
     make_upstream: MakeUpstream,
 ) -> None:
     seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"usage": {"concurrent_sessions": 1}})
-
+    handler = recording(seen, 200, json={"usage": {"concurrent_sessions": 1}})
     assert await make_upstream(handler, api_key=None).poll_usage() == 1
     assert "authorization" not in seen[0].headers
 
 
 async def test_poll_usage_truncates_fractional_counts(make_upstream: MakeUpstream) -> None:
-    upstream = make_upstream()
-    with respx.mock(assert_all_called=True) as mock:
-        mock.get(f"{BASE}/usage").respond(200, json={"usage": {"concurrent_sessions": 2.9}})
-        assert await upstream.poll_usage() == 2
+    answer = httpx.Response(200, json={"usage": {"concurrent_sessions": 2.9}})
+    assert await poll_usage_answered(make_upstream(), answer) == 2
 
 
 @pytest.mark.parametrize("status", [201, 204, 301, 302, 401, 404, 429, 500, 503])
@@ -412,10 +419,8 @@ BAD_USAGE_BODIES = [
 async def test_poll_usage_unexpected_body_is_no_information(
     make_upstream: MakeUpstream, body: bytes
 ) -> None:
-    upstream = make_upstream()
-    with respx.mock(assert_all_called=True) as mock:
-        mock.get(f"{BASE}/usage").respond(200, content=body)
-        assert await upstream.poll_usage() is None
+    answer = httpx.Response(200, content=body)
+    assert await poll_usage_answered(make_upstream(), answer) is None
 
 
 @pytest.mark.parametrize(
@@ -425,17 +430,11 @@ async def test_poll_usage_unexpected_body_is_no_information(
 async def test_poll_usage_network_error_is_no_information(
     make_upstream: MakeUpstream, exc_type: type[httpx.TransportError]
 ) -> None:
-    upstream = make_upstream()
-    with respx.mock(assert_all_called=True) as mock:
-        mock.get(f"{BASE}/usage").mock(side_effect=exc_type("down"))
-        assert await upstream.poll_usage() is None
+    assert await poll_usage_answered(make_upstream(), exc_type("down")) is None
 
 
 async def test_poll_usage_huge_integer_count_does_not_raise(make_upstream: MakeUpstream) -> None:
-    upstream = make_upstream()
-    with respx.mock(assert_all_called=True) as mock:
-        mock.get(f"{BASE}/usage").respond(200, content=HUGE_COUNT)
-        count = await upstream.poll_usage()
+    count = await poll_usage_answered(make_upstream(), httpx.Response(200, content=HUGE_COUNT))
     assert count is None or count >= 0
 
 
