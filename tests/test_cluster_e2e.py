@@ -78,6 +78,15 @@ class Upstream:
         self.max_per_replica[replica] = max(
             self.max_per_replica[replica], self.per_replica[replica]
         )
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.in_flight -= 1
+                self.per_replica[replica] -= 1
+
         try:
             together = int(request.headers.get("x-fail-together", "0"))
             if together:
@@ -100,11 +109,14 @@ class Upstream:
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     await asyncio.sleep(0.01)
                 await response.write(b"data: [DONE]\n\n")
+                # Counted out before the end of the body leaves: once a proxy has it, it
+                # may admit the next request, and this task may run only much later
+                # when the test process is busy (seen: 5 in flight against a limit of 4).
+                end()
                 await response.write_eof()
             return response
         finally:
-            self.in_flight -= 1
-            self.per_replica[replica] -= 1
+            end()
 
 
 @pytest.fixture
