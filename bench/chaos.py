@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from proxy.sim import MALFORMED_JSON, MALFORMED_SSE, expected_content
+from proxy.tools.sim import MALFORMED_JSON, MALFORMED_SSE, expected_content
 
 FAULT_RATES = "reset=0.03,cut=0.04,stall=0.02,500=0.02,502=0.02,503=0.02,429=0.01,malformed=0.03"
 TOKENS = 6

@@ -72,7 +72,7 @@ def serve(argv: list[str]) -> int:
             partial.rename(out)
 
     signal.signal(signal.SIGUSR1, snapshot)
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     return main(["serve", *argv])
 

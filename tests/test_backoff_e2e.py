@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.sim import expected_content
+from proxy.tools.sim import expected_content
 from tests.conftest import ProxyFactory, chat, sim_provider
 from tests.servers import Server
 from tests.waiting import eventually

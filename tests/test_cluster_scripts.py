@@ -230,7 +230,7 @@ async def test_a_manual_limit_clears_auto_reduce_bumps_the_epoch_and_wakes_every
     assert message["data"].split()[:4] == ["s", "5", "0", str(new.epoch)]
     removed = await a.set_limit(None)
     assert removed.limit is None
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 async def test_a_released_slot_cools_down_before_it_is_recycled(client: Redis) -> None:

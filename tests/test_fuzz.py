@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from proxy.edge.headers import prompt_started_at_ms
 from proxy.errors import BadRequest
-from proxy.headers import prompt_started_at_ms
 from tests.conftest import start_proxy
 from tests.servers import Server
 

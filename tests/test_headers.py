@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.edge.headers import prompt_started_at_ms, retry_after_s
 from proxy.errors import BadRequest
-from proxy.headers import prompt_started_at_ms, retry_after_s
 
 # 2026-11-28T09:30:00Z, and "now" one hour later, so that time is in the past.
 PROMPT_MS = 1_795_858_200_000.0

@@ -23,7 +23,7 @@ from typing import Protocol
 import pytest
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.http1 import Http1Response, Http1Transport
+from proxy.upstream.http1 import Http1Response, Http1Transport
 from tests.certs import make_certificates
 from tests.servers import free_port
 from tests.waiting import eventually

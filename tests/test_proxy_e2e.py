@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.sim import expected_content
+from proxy.tools.sim import expected_content
 from tests.conftest import chat, sim_provider, start_proxy
 from tests.servers import Server, free_port
 from tests.waiting import wait_until

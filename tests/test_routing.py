@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.edge.routing import Route, Router
 from proxy.errors import BadRequest, NotFound
-from proxy.routing import Route, Router
 
 PROVIDERS = {"main": "MAIN", "sim": "SIM"}
 

@@ -22,11 +22,11 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-import proxy.admin
-from proxy.app import Sluice
+import proxy.edge.admin
+from proxy.edge.app import Sluice
 from proxy.errors import UpstreamError
 from proxy.settings import Settings, resolve_providers
-from proxy.upstream import Upstream
+from proxy.upstream.client import Upstream
 from tests.certs import make_certificates
 from tests.conftest import ProxyFactory
 from tests.servers import Server, free_port
@@ -159,7 +159,7 @@ async def test_the_token_is_compared_with_hmac_compare_digest(
         calls.append((a, b))
         return real(a, b)
 
-    assert vars(proxy.admin)["hmac"] is hmac  # admin.py calls hmac.compare_digest
+    assert vars(proxy.edge.admin)["hmac"] is hmac  # admin.py calls hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", spy)
     settings = Settings.model_validate(
         {

@@ -18,10 +18,10 @@ import httpx
 import pytest
 import yaml
 
-from proxy import status as status_cli
-from proxy.cli import build_parser
+from proxy.cli import status as status_cli
+from proxy.cli.main import build_parser
 from proxy.settings import load, resolve_providers
-from proxy.sim import expected_content
+from proxy.tools.sim import expected_content
 from tests.conftest import ProxyFactory, chat, sim_provider, start_proxy
 from tests.servers import Server
 from tests.waiting import wait_until
@@ -216,7 +216,7 @@ def test_status_table_shows_the_notice() -> None:
 
 
 def test_demo_runs_to_completion_with_a_small_load() -> None:
-    from proxy import demo
+    from proxy.tools import demo
 
     out = io.StringIO()
     plan = demo.DemoPlan(agents=6, requests_per_agent=1, tokens=4, token_delay_ms=5)
@@ -249,7 +249,7 @@ def test_compose_sidecar_config_is_a_valid_sluice_config(monkeypatch: pytest.Mon
     assert provider.limit == 4
     assert provider.api_key is None
     sim_args = services["sim"]["command"]
-    parsed = build_parser().parse_args(sim_args)
+    parsed = build_parser("sim").parse_args(sim_args)
     assert (parsed.port, parsed.hard_cap) == (8081, 4)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.sim import LaggedCount, Message, SimApp, SimConfig, expected_content
+from proxy.tools.sim import LaggedCount, Message, SimApp, SimConfig, expected_content
 from tests.conftest import sim_client, sim_running
 from tests.conftest import sim_stats as stats
 from tests.fakes import FakeTime

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.sim import (
+from proxy.tools.sim import (
     FAULT_KINDS,
     MALFORMED_JSON,
     MALFORMED_SSE,
@@ -30,7 +30,7 @@ from proxy.sim import (
     SimulatedReset,
     expected_content,
 )
-from proxy.upstream import parse_usage
+from proxy.upstream.client import parse_usage
 from tests.conftest import sim_client, sim_running
 from tests.conftest import sim_stats as stats
 from tests.servers import Server

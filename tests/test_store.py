@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import store as store_mod
 from proxy.errors import StoreError
-from proxy.store import CooldownOverride, Event, LimitOverride, ProviderOverrides, Store
+from proxy.runtime import store as store_mod
+from proxy.runtime.store import CooldownOverride, Event, LimitOverride, ProviderOverrides, Store
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,7 +378,7 @@ async def test_events_are_trimmed_per_provider(
 
 WRITER = """
 import asyncio, sys
-from proxy.store import CooldownOverride, Event, LimitOverride, Store
+from proxy.runtime.store import CooldownOverride, Event, LimitOverride, Store
 
 async def main(path, provider):
     store = await Store.open(path)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.http1 import Http1Transport
+from proxy.upstream.http1 import Http1Transport
 from tests.servers import Server, free_port
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.settings import ProviderConfig
-from proxy.upstream import USAGE_TIMEOUT_S, Upstream, parse_usage
+from proxy.upstream.client import USAGE_TIMEOUT_S, Upstream, parse_usage
+from tests import httpx_transport
 
 BASE = "http://upstream.test:8000/api"
 KEY = "sk-provider-secret-1234"
@@ -81,7 +82,8 @@ async def make_upstream() -> AsyncIterator[MakeUpstream]:
         transport: httpx.AsyncBaseTransport = (
             httpx.MockTransport(handler) if handler is not None else httpx.AsyncHTTPTransport()
         )
-        upstream = Upstream(provider(base_url, api_key), transport=transport)
+        config = provider(base_url, api_key)
+        upstream = Upstream(config, transport=httpx_transport.for_provider(config, transport))
         made.append(upstream)
         return upstream
 
@@ -250,7 +252,8 @@ PATH_CHARS = st.sampled_from(
 @given(st.lists(PATH_CHARS, max_size=30).map("".join), st.sampled_from(["", "/api"]))
 async def test_url_never_leaves_the_base_host(path: str, base_path: str) -> None:
     never = httpx.MockTransport(lambda request: httpx.Response(500))
-    upstream = Upstream(provider("http://upstream.test:8000" + base_path), transport=never)
+    config = provider("http://upstream.test:8000" + base_path)
+    upstream = Upstream(config, transport=httpx_transport.for_provider(config, never))
     try:
         url = httpx.URL(upstream.url(("/" + path).encode("ascii"), b""))
     finally:

@@ -40,10 +40,11 @@ from proxy.cluster.fallback import LocalShare, release_local, share
 from proxy.cluster.hub import ClusterHub
 from proxy.cluster.scripts import NoState, RedisDown, Reply, Scripts, Shared, owner
 from proxy.errors import StoreError
-from proxy.providers import ClusterView, InstanceLoad, Slot
+from proxy.runtime.provider import AdmissionFactory
+from proxy.runtime.seam import Admission, ClusterView, InstanceLoad, Slot
+from proxy.runtime.store import ProviderOverrides
 from proxy.settings import ProviderConfig
-from proxy.store import ProviderOverrides
-from proxy.upstream import USAGE_TIMEOUT_S
+from proxy.upstream.client import USAGE_TIMEOUT_S
 
 log = structlog.get_logger("sluice")
 T = TypeVar("T")
@@ -145,6 +146,19 @@ class _Waiter:
             self.done = True
             if not self.future.done():
                 self.future.set_result(rejection)
+
+
+def cluster_admission(hub: ClusterHub, loop: asyncio.AbstractEventLoop) -> AdmissionFactory:
+    """The factory the app hands every `Provider` in cluster mode."""
+
+    def make(
+        config: ProviderConfig,
+        poll_usage: Callable[[], Awaitable[int | None]],
+        on_event: Callable[[LimiterEvent], None],
+    ) -> Admission:
+        return ClusterAdmission(config, hub, loop=loop, poll_usage=poll_usage, on_event=on_event)
+
+    return make
 
 
 class ClusterAdmission:

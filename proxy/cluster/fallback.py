@@ -18,7 +18,7 @@ from typing import Final
 
 from proxy.admission import Limiter, LimiterEvent, Permit, Rejection, Waiter
 from proxy.admission.aio import UsagePolls
-from proxy.providers import policy_for
+from proxy.runtime.provider import policy_for
 from proxy.settings import ProviderConfig
 
 NEVER_S: Final = 10.0**9

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import structlog
 from redis import exceptions as redis_errors
@@ -23,8 +23,19 @@ from redis.backoff import NoBackoff
 from proxy.cluster.scripts import RedisDown
 from proxy.settings import ClusterSettings
 
-if TYPE_CHECKING:
-    from proxy.cluster.admission import ClusterAdmission
+
+class Member(Protocol):
+    """What the hub needs of each provider's shared admission (`ClusterAdmission`)."""
+
+    channel: str
+
+    @property
+    def provider_id(self) -> str: ...
+    def on_message(self, data: str) -> None: ...
+    async def renew(self) -> None: ...
+    def enter_fallback(self) -> int | None: ...
+    async def rejoin(self) -> None: ...
+
 
 log = structlog.get_logger("sluice")
 
@@ -64,7 +75,7 @@ class ClusterHub:
             retry=Retry(NoBackoff(), 0),
         )
         self.up = True  # until a call fails
-        self._members: dict[str, ClusterAdmission] = {}  # by wake channel
+        self._members: dict[str, Member] = {}  # by wake channel
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -73,7 +84,7 @@ class ClusterHub:
         """Leases and waiter liveness are renewed three times per lease."""
         return self.lease_s / 3
 
-    def register(self, member: ClusterAdmission) -> None:
+    def register(self, member: Member) -> None:
         self._members[member.channel] = member
 
     async def start(self) -> None:
@@ -184,5 +195,5 @@ class ClusterHub:
                     self.down(exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await asyncio.sleep(PROBE_S)

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-from proxy import logs
-from proxy.app import Sluice
+from proxy.edge import logs
+from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
 from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
 
@@ -33,7 +33,7 @@ class _QuietAbort(logging.Filter):
     uvicorn to drop the client connection."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from proxy.relay import UpstreamCut
+        from proxy.edge.relay import UpstreamCut
 
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, UpstreamCut)
@@ -104,7 +104,7 @@ def serve_workers(settings: Settings, config: str | None, workers: int) -> int:
         os.environ["SLUICE_CONFIG"] = str(path.resolve())
     server = settings.server
     uv_config = uvicorn.Config(
-        "proxy.server:worker_app",
+        "proxy.cli.serve:worker_app",
         factory=True,
         workers=workers,
         host=server.host,

@@ -9,23 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-import httpx
 import structlog
 from starlette.applications import Starlette
 
-from proxy import admin
-from proxy.control import Control
+from proxy.edge import admin
+from proxy.edge.logs import Redactor
+from proxy.edge.metrics import Metrics
+from proxy.edge.relay import Receive, Relay, Scope, Send, send_error
+from proxy.edge.routing import Router
 from proxy.errors import HTTPError
-from proxy.logs import Redactor
-from proxy.metrics import Metrics
-from proxy.providers import Provider
-from proxy.relay import Receive, Relay, Scope, Send, send_error
-from proxy.routing import Router
+from proxy.runtime.control import Control
+from proxy.runtime.provider import AdmissionFactory, Provider
+from proxy.runtime.store import Store
 from proxy.settings import ProviderConfig, Settings, resolve_providers, secrets
-from proxy.store import Store
+from proxy.upstream.transport import Transport
 
 if TYPE_CHECKING:
     from proxy.cluster.hub import ClusterHub
@@ -37,7 +37,10 @@ class Sluice:
     """The ASGI application. Providers and the store exist between lifespan start and end."""
 
     def __init__(
-        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: Settings,
+        *,
+        transport: Callable[[ProviderConfig], Transport] | None = None,
     ) -> None:
         self.settings = settings
         self.configs: list[ProviderConfig] = resolve_providers(settings)
@@ -48,7 +51,15 @@ class Sluice:
         self.control: Control | None = None
         self.cluster: ClusterHub | None = None  # cluster mode: the shared Redis
         self.metrics = Metrics(lambda: [p.admission for p in self.providers.values()])
-        self.web = Starlette(routes=admin.routes(self), lifespan=self._lifespan)
+        self.web = Starlette(
+            routes=admin.routes(
+                self.providers,
+                self._control,
+                self.metrics.render,
+                settings.server.admin_token.get_secret_value(),
+            ),
+            lifespan=self._lifespan,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -83,22 +94,24 @@ class Sluice:
         loop = asyncio.get_running_loop()
         store = await Store.open(self.settings.server.database)
         self.control = Control(store, redact=Redactor(secrets(self.settings)).text)
+        shared: AdmissionFactory | None = None
         if self.settings.cluster.redis_url:
+            from proxy.cluster.admission import cluster_admission
             from proxy.cluster.hub import ClusterHub
 
             self.cluster = ClusterHub(self.settings.cluster)
+            shared = cluster_admission(self.cluster, loop)
         for config in self.configs:
-            provider = Provider(
+            self.providers[config.id] = Provider(
                 config,
                 loop=loop,
-                transport=self.transport,
+                transport=self.transport(config) if self.transport is not None else None,
                 ca_bundle=self.settings.server.ca_bundle,
                 on_event=self.control.on_limiter_event,
-                cluster=self.cluster,
+                admission=shared,
+                observe_queue_wait=self.metrics.queue_wait.labels(config.id).observe,
+                observe_ttfb=self.metrics.upstream_ttfb.labels(config.id).observe,
             )
-            provider.observe_queue_wait = self.metrics.queue_wait.labels(config.id).observe
-            provider.observe_ttfb = self.metrics.upstream_ttfb.labels(config.id).observe
-            self.providers[config.id] = provider
         default = next((c.id for c in self.configs if c.default), None)
         self.router = Router(self.providers, default)
         sources = await self.control.restore(self.providers.values())
@@ -123,3 +136,7 @@ class Sluice:
 
     def provider(self, provider_id: str) -> Provider | None:
         return self.providers.get(provider_id)
+
+    def _control(self) -> Control:
+        assert self.control is not None, "admin route served before startup"
+        return self.control

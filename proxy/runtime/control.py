@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 
 from proxy.admission import LimiterEvent
-from proxy.providers import Provider
-from proxy.store import CooldownOverride, Event, LimitOverride, Store
+from proxy.runtime.provider import Provider
+from proxy.runtime.store import CooldownOverride, Event, LimitOverride, Store
 
 log = structlog.get_logger("sluice")
 

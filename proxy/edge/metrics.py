@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.providers import Admission
+from proxy.runtime.seam import Admission
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -16,6 +16,8 @@ from typing import Any
 import structlog
 
 from proxy.admission import Rejection
+from proxy.edge.headers import prompt_started_at_ms, retry_after_s
+from proxy.edge.routing import Route
 from proxy.errors import (
     BodyTooLarge,
     HTTPError,
@@ -23,10 +25,9 @@ from proxy.errors import (
     QueueTimeout,
     UpstreamError,
 )
-from proxy.headers import HOP_BY_HOP, prompt_started_at_ms, retry_after_s
-from proxy.providers import Provider, Slot
-from proxy.routing import Route
-from proxy.transport import UpstreamResponse
+from proxy.runtime.provider import Provider
+from proxy.runtime.seam import Slot
+from proxy.upstream.transport import HOP_BY_HOP, UpstreamResponse
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

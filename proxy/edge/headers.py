@@ -13,20 +13,6 @@ from email.utils import parsedate_to_datetime
 
 from proxy.errors import BadRequest
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-connection",
-    }
-)
-"""Headers that describe one connection, not the message (RFC 9110 section 7.6.1)."""
-
 _DELTA_SECONDS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 

@@ -1,63 +1,31 @@
-"""How bytes reach a provider: the network behind a small interface.
-
-The relay's policy (which headers, which URL, what a 429 means) lives in
-`upstream.py` and `relay.py`; this module only sends a request and hands back a
-response whose body is read chunk by chunk as it arrives. Production uses our own
-HTTP/1.1 client (`proxy/http1.py`), which costs a fraction of httpx's CPU and of
-aiohttp's memory per open stream (see bench/RESULTS.md); tests use `HttpxTransport`
-around httpx's `MockTransport` or respx.
-
-Lower-layer errors become `UpstreamUnavailable` (502) or `UpstreamTimeout` (504)
-here, once, with `raise ... from exc`.
-"""
+"""Test support: the upstream `Transport` interface over an httpx client, so tests can
+inject httpx's `MockTransport` or intercept with respx. Production never uses it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
-from typing import Protocol
+from collections.abc import AsyncIterator
 
 import httpx
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-
-Headers = list[tuple[bytes, bytes]]
-
-
-class UpstreamResponse(Protocol):
-    """A response whose headers have arrived and whose body has not been read."""
-
-    status: int
-    raw_headers: Headers
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body, each piece as soon as it arrives (raises UpstreamError)."""
-        ...
-
-    async def read(self) -> bytes: ...
-
-    async def aclose(self) -> None:
-        """Return the connection to the pool if the body was read, else drop it.
-        Safe to call more than once."""
-        ...
+from proxy.settings import ProviderConfig
+from proxy.upstream.transport import Headers, Transport, UpstreamResponse
 
 
-class Transport(Protocol):
-    def send(
-        self,
-        method: str,
-        url: str,
-        headers: Headers,
-        body: bytes,
-        *,
-        timeout_s: float | None = None,
-    ) -> Awaitable[UpstreamResponse]:
-        """Send the request; `url` is already percent-encoded and is sent as is."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-# ------------------------------------------------------------------------ httpx
+def for_provider(config: ProviderConfig, transport: httpx.AsyncBaseTransport) -> Transport:
+    """An httpx-backed transport with the provider's timeouts."""
+    client = httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(
+            connect=config.connect_timeout_s,
+            read=config.read_timeout_s,
+            write=config.read_timeout_s,
+            pool=config.connect_timeout_s,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+    return HttpxTransport(client, config.id)
 
 
 class HttpxTransport:

@@ -24,10 +24,10 @@ from typing import Any, Literal, TextIO
 import httpx
 import uvicorn
 
-from proxy import logs
-from proxy.app import Sluice
+from proxy.edge import logs
+from proxy.edge.app import Sluice
 from proxy.settings import Settings
-from proxy.sim import SimApp, SimConfig
+from proxy.tools.sim import SimApp, SimConfig
 
 HARD_CAP = 4
 START_LIMIT = 6

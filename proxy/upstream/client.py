@@ -7,27 +7,24 @@ import json
 import math
 from collections.abc import Awaitable
 
-import httpx
-
 from proxy.errors import UpstreamError
-from proxy.headers import HOP_BY_HOP
-from proxy.http1 import Http1Transport
 from proxy.settings import ProviderConfig
-from proxy.transport import HttpxTransport, Transport, UpstreamResponse
+from proxy.upstream.http1 import Http1Transport
+from proxy.upstream.transport import HOP_BY_HOP, Transport, UpstreamResponse
 
 USAGE_TIMEOUT_S = 2.0
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
 
 
 class Upstream:
-    """One provider. `transport` is injectable: an httpx transport (MockTransport,
-    respx) gives an httpx-backed client for tests; by default `Http1Transport`."""
+    """One provider. `transport` is injectable (tests pass an httpx-backed one); by
+    default our own `Http1Transport`."""
 
     def __init__(
         self,
         config: ProviderConfig,
         *,
-        transport: httpx.AsyncBaseTransport | Transport | None = None,
+        transport: Transport | None = None,
         ca_bundle: str = "",
     ) -> None:
         self.config = config
@@ -36,29 +33,12 @@ class Upstream:
         self._base = config.base_url.rstrip("/")
         # Computed once: the provider's key replaces the client's Authorization.
         self._drop = _DROP_REQUEST | {b"authorization"} if self._auth else _DROP_REQUEST
-        self.transport: Transport
-        if transport is None:
-            self.transport = Http1Transport(
-                connect_timeout_s=config.connect_timeout_s,
-                read_timeout_s=config.read_timeout_s,
-                ca_bundle=ca_bundle,
-                provider_id=config.id,
-            )
-        elif isinstance(transport, httpx.AsyncBaseTransport):
-            client = httpx.AsyncClient(
-                transport=transport,
-                timeout=httpx.Timeout(
-                    connect=config.connect_timeout_s,
-                    read=config.read_timeout_s,
-                    write=config.read_timeout_s,
-                    pool=config.connect_timeout_s,
-                ),
-                follow_redirects=False,
-                trust_env=False,
-            )
-            self.transport = HttpxTransport(client, config.id)
-        else:
-            self.transport = transport
+        self.transport: Transport = transport or Http1Transport(
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            ca_bundle=ca_bundle,
+            provider_id=config.id,
+        )
 
     async def close(self) -> None:
         await self.transport.close()

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from proxy.transport import Headers
+from proxy.upstream.transport import Headers
 
 HIGH_WATER = 256 * 1024
 """Unread body bytes past which the connection stops reading from the upstream, so a

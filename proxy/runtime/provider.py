@@ -1,113 +1,23 @@
 """A configured provider at run time: its config, upstream client and admission, wired.
 
-`Admission` is the one seam between the edge (relay, admin, control, metrics) and a
-provider's admission state: `LocalAdmission` puts the single-process `Limiter` behind
-it; in cluster mode `proxy.cluster.admission.ClusterAdmission` keeps the state in Redis.
+`Admission` (`proxy.runtime.seam`) is the one seam between the edge and a provider's
+admission state: `LocalAdmission` here puts the single-process `Limiter` behind it; in
+cluster mode the app hands `Provider` a factory that builds the Redis-backed one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
-
-import httpx
 
 from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus, Policy
 from proxy.admission.aio import UsagePolls, admit
 from proxy.admission.limiter import Permit, Rejection
+from proxy.runtime.seam import Admission, ClusterView, Slot
+from proxy.runtime.store import ProviderOverrides
 from proxy.settings import ProviderConfig
-from proxy.store import ProviderOverrides
-from proxy.upstream import Upstream
-
-if TYPE_CHECKING:
-    from proxy.cluster.hub import ClusterHub
-
-
-class Slot(Protocol):
-    """A held slot: release it exactly once in a `finally`; releasing again is harmless."""
-
-    def release(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class InstanceLoad:
-    """One replica's share of the cluster-wide figures."""
-
-    instance_id: str
-    in_flight: int
-    queued: int
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    """How this replica takes part in cluster mode, for status and metrics."""
-
-    mode: Literal["redis", "fallback"]
-    instance_id: str
-    replicas: int  # replicas last seen alive (0: never reached Redis)
-    local_limit: int | None  # the share this replica enforces alone, in fallback mode
-    instances: tuple[InstanceLoad, ...]
-
-
-class Admission(Protocol):
-    """A provider's admission as the edge sees it, in one process or in a cluster.
-
-    `shared` says where the durable settings live: False, the SQLite store (the
-    caller persists before applying); True, Redis (`set_limit` is the durable write
-    and the store only journals events)."""
-
-    @property
-    def provider_id(self) -> str: ...
-    @property
-    def shared(self) -> bool: ...
-    @property
-    def limit(self) -> int | None: ...
-    @property
-    def cooldown_ms(self) -> int: ...
-    @property
-    def auto_reduced_from(self) -> int | None: ...
-    @property
-    def counters(self) -> LimiterCounters: ...
-    def notice(self) -> str | None: ...
-    def next_seq(self) -> int: ...
-
-    def admit(
-        self,
-        prompt_started_at: float,
-        *,
-        conversation_id: str | None = None,
-        seq: int | None = None,
-    ) -> Awaitable[Slot | Rejection]:
-        """Wait for a slot (or a rejection). Cancelling the wait leaves the queue, and a
-        slot granted in that same instant is handed back."""
-        ...
-
-    async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
-        """The upstream answered 429 to `slot`'s request: pause, maybe reduce, release."""
-        ...
-
-    async def set_limit(self, limit: int | None) -> None: ...
-    async def set_cooldown_ms(self, cooldown_ms: int) -> None: ...
-
-    async def restore(self, stored: ProviderOverrides | None) -> str:
-        """Apply the durable settings at start; returns where each value came from."""
-        ...
-
-    async def status(self) -> LimiterStatus:
-        """Fresh figures (cluster-wide in cluster mode)."""
-        ...
-
-    def snapshot(self) -> LimiterStatus:
-        """Figures without waiting (for metrics): in cluster mode, the last ones read."""
-        ...
-
-    def cluster(self) -> ClusterView | None:
-        """None in single-process mode."""
-        ...
-
-    async def close(self) -> None: ...
+from proxy.upstream.client import Upstream
+from proxy.upstream.transport import Transport
 
 
 class LocalAdmission:
@@ -205,6 +115,14 @@ class LocalAdmission:
         self.limiter.close()
 
 
+AdmissionFactory = Callable[
+    [ProviderConfig, Callable[[], Awaitable[int | None]], Callable[[LimiterEvent], None]],
+    Admission,
+]
+"""Builds a provider's admission from its config, its usage poll and its event sink:
+how cluster mode (wired by the app) replaces the single-process `LocalAdmission`."""
+
+
 class Provider:
     """Owns one upstream client and one admission; `close()` releases both."""
 
@@ -213,32 +131,25 @@ class Provider:
         config: ProviderConfig,
         *,
         loop: asyncio.AbstractEventLoop,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         ca_bundle: str = "",
         on_event: Callable[[Provider, LimiterEvent], None] | None = None,
-        cluster: ClusterHub | None = None,
+        admission: AdmissionFactory | None = None,
+        observe_queue_wait: Callable[[float], None] | None = None,
+        observe_ttfb: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.id = config.id
         self.id_bytes = config.id.encode()
-        # Replaced by histogram observers when metrics are wired (app.py).
-        self.observe_queue_wait: Callable[[float], None] = _ignore
-        self.observe_ttfb: Callable[[float], None] = _ignore
+        self.observe_queue_wait = observe_queue_wait or _ignore
+        self.observe_ttfb = observe_ttfb or _ignore
         self.admitted_paths = frozenset(path.rstrip("/") for path in config.admitted_paths)
         self.upstream = Upstream(config, transport=transport, ca_bundle=ca_bundle)
         self._polls = UsagePolls(loop, self.upstream.poll_usage)
         self._on_event = on_event
         self.admission: Admission
-        if cluster is not None:
-            from proxy.cluster.admission import ClusterAdmission
-
-            self.admission = ClusterAdmission(
-                config,
-                cluster,
-                loop=loop,
-                poll_usage=self.upstream.poll_usage,
-                on_event=self._event,
-            )
+        if admission is not None:
+            self.admission = admission(config, self.upstream.poll_usage, self._event)
             return
         limiter = Limiter(
             config.id,

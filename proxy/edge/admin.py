@@ -1,4 +1,4 @@
-"""The operator's routes: `/concurrency/*`, `/healthz` (SPEC section 6).
+"""The operator's routes: `/concurrency/*`, `/healthz`, `/metrics`.
 
 Every route but `/healthz` requires the admin token when one is configured; the
 check wraps the whole route table, so a route added later cannot slip past it.
@@ -10,21 +10,20 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.admission import LimiterStatus
+from proxy.edge.metrics import CONTENT_TYPE
 from proxy.errors import StoreError
-from proxy.metrics import CONTENT_TYPE
+from proxy.runtime.control import Control
+from proxy.runtime.provider import Provider
+from proxy.runtime.seam import ClusterView
 from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
-
-if TYPE_CHECKING:
-    from proxy.app import Sluice
-    from proxy.providers import ClusterView, Provider
 
 PUBLIC_PATHS = frozenset({"/healthz"})
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -103,25 +102,27 @@ async def _json_body(request: Request) -> Any:
         raise AdminError(400, "body must be valid JSON") from None
 
 
-def routes(app: Sluice) -> list[BaseRoute]:
-    """The admin route table, bound to `app`."""
+def routes(
+    providers: Mapping[str, Provider],
+    control: Callable[[], Control],
+    metrics_text: Callable[[], bytes],
+    admin_token: str,
+) -> list[BaseRoute]:
+    """The admin route table. `providers` is the app's live mapping (filled at start);
+    `control` gives the durable-writes object, which exists only once started."""
 
     def provider(request: Request) -> Provider:
         provider_id = request.path_params["provider_id"]
-        found = app.provider(provider_id)
+        found = providers.get(provider_id)
         if found is None:
             raise AdminError(404, f"unknown provider {provider_id!r}")
         return found
-
-    def control() -> Any:
-        assert app.control is not None, "admin route served before startup"
-        return app.control
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        return Response(app.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(metrics_text(), media_type=CONTENT_TYPE)
 
     async def status_of(p: Provider) -> dict[str, Any]:
         # Read fresh (from Redis in cluster mode), then the view that read refreshed.
@@ -129,13 +130,13 @@ def routes(app: Sluice) -> list[BaseRoute]:
         return status_json(status, p.admission.cluster())
 
     async def all_status(request: Request) -> Response:
-        return JSONResponse({"providers": [await status_of(p) for p in app.providers.values()]})
+        return JSONResponse({"providers": [await status_of(p) for p in providers.values()]})
 
     async def one_status(request: Request) -> Response:
         return JSONResponse(await status_of(provider(request)))
 
     async def all_limits(request: Request) -> Response:
-        statuses = [await p.admission.status() for p in app.providers.values()]
+        statuses = [await p.admission.status() for p in providers.values()]
         limits = [
             {"providerId": s.provider_id, "limit": s.limit} for s in statuses if s.limit is not None
         ]
@@ -172,7 +173,7 @@ def routes(app: Sluice) -> list[BaseRoute]:
 
     async def events(request: Request) -> Response:
         provider_id = request.query_params.get("provider")
-        if provider_id is not None and app.provider(provider_id) is None:
+        if provider_id is not None and provider_id not in providers:
             raise AdminError(404, f"unknown provider {provider_id!r}")
         raw_limit = request.query_params.get("limit", "100")
         if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 1000:
@@ -187,7 +188,7 @@ def routes(app: Sluice) -> list[BaseRoute]:
             }
         )
 
-    token = app.settings.server.admin_token.get_secret_value().encode()
+    token = admin_token.encode()
 
     def guarded(endpoint: Endpoint, public: bool = False) -> Endpoint:
         async def handle(request: Request) -> Response:
