@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.sim import expected_content
+from proxy.tools.sim import expected_content
 from tests.conftest import sim_client, sim_running
 from tests.conftest import sim_stats as stats
 from tests.servers import Server
