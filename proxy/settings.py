@@ -8,6 +8,7 @@ never silently falls back to a default. `load()` turns any problem into one
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from proxy.admission import Policy
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "SLUICE_"
@@ -87,39 +89,10 @@ class ServerSettings(_Section):
 
 
 class AdmissionSettings(_Section):
-    cooldown_ms: CooldownMs = 350
-    slot_timeout_s: PositiveSeconds = 300
-    watchdog_interval_s: PositiveSeconds = 30
-    pause_s: NonNegativeSeconds = 30
-    usage_poll_interval_ms: PositiveInt = 1000
-    queue_timeout_s: PositiveSeconds = 600
-    max_queue: Count = 10_000
-    retry_on_429: Count = 2
-    admitted_paths: tuple[str, ...] = ("/chat/completions", "/completions", "/responses")
+    """The per-provider admission keys, all optional: `[admission]` sets them for every
+    provider, a `[[providers]]` entry overrides them for itself, and what neither sets
+    keeps `Policy`'s default. A new knob is a field here and one in `Policy`."""
 
-    @model_validator(mode="after")
-    def _paths_are_absolute(self) -> AdmissionSettings:
-        _check_paths(self.admitted_paths)
-        return self
-
-
-def _check_paths(paths: tuple[str, ...] | None) -> None:
-    for path in paths or ():
-        if not path.startswith("/"):
-            raise ValueError(f"admitted_paths: {path!r} must start with '/'")
-
-
-class ProviderSettings(_Section):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
-    base_url: str
-    api_key: SecretStr | None = None
-    api_key_env: str | None = None
-    limit: Limit | None = None
-    usage_gate: bool = False
-    default: bool = False
-    read_timeout_s: PositiveSeconds | None = None
-    connect_timeout_s: PositiveSeconds | None = None
-    # Per-provider overrides of [admission]; None means "use the [admission] value".
     cooldown_ms: CooldownMs | None = None
     slot_timeout_s: PositiveSeconds | None = None
     watchdog_interval_s: PositiveSeconds | None = None
@@ -129,6 +102,32 @@ class ProviderSettings(_Section):
     max_queue: Count | None = None
     retry_on_429: Count | None = None
     admitted_paths: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _paths_are_absolute(self) -> Self:
+        for path in self.admitted_paths or ():
+            if not path.startswith("/"):
+                raise ValueError(f"admitted_paths: {path!r} must start with '/'")
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The admission keys this section sets."""
+        return self.model_dump(include=set(_ADMISSION_KEYS), exclude_none=True)
+
+
+_ADMISSION_KEYS = frozenset(AdmissionSettings.model_fields)
+
+
+class ProviderSettings(AdmissionSettings):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    base_url: str
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    limit: Limit | None = None
+    usage_gate: bool = False
+    default: bool = False
+    read_timeout_s: PositiveSeconds | None = None
+    connect_timeout_s: PositiveSeconds | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ProviderSettings:
@@ -142,7 +141,6 @@ class ProviderSettings(_Section):
         host = parts.hostname or ""
         if parts.scheme not in ("http", "https") or not _HOST.match(host):
             raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
-        _check_paths(self.admitted_paths)
         if parts.query or parts.fragment:
             raise ValueError("base_url: must not have a query or fragment")
         if self.api_key is not None and self.api_key_env is not None:
@@ -250,32 +248,26 @@ def _parse_env_value(raw: str) -> Any:
 
 @dataclass(frozen=True)
 class ProviderConfig:
-    """One provider with every [admission] default resolved and its key read."""
+    """One provider with its admission policy resolved and its key read."""
 
     id: str
     base_url: str
     api_key: str | None
-    limit: int | None
-    usage_gate: bool
     default: bool
     connect_timeout_s: float
     read_timeout_s: float
-    cooldown_ms: int
-    slot_timeout_s: float
-    watchdog_interval_s: float
-    pause_s: float
-    usage_poll_interval_ms: int
-    queue_timeout_s: float
-    max_queue: int
-    retry_on_429: int
-    admitted_paths: tuple[str, ...]
+    policy: Policy
 
     def __repr__(self) -> str:  # never show the key
-        return f"ProviderConfig(id={self.id!r}, base_url={self.base_url!r}, limit={self.limit})"
+        return (
+            f"ProviderConfig(id={self.id!r}, base_url={self.base_url!r}, limit={self.policy.limit})"
+        )
 
 
 def resolve_providers(settings: Settings) -> list[ProviderConfig]:
-    """Merge each provider with the [admission] and [server] defaults and read its key."""
+    """Each provider's policy (`Policy` defaults, then `[admission]`, then its own keys)
+    with the `[server]` timeouts, and its key read."""
+    default_policy = dataclasses.replace(Policy(), **settings.admission.overrides())
     resolved = []
     for i, p in enumerate(settings.providers):
         key: str | None = None
@@ -288,30 +280,17 @@ def resolve_providers(settings: Settings) -> list[ProviderConfig]:
                     f"config error: providers[{i}].api_key_env: "
                     f"environment variable {p.api_key_env} is not set"
                 )
-
-        def pick(name: str, provider: ProviderSettings = p) -> Any:
-            own = getattr(provider, name)
-            return getattr(settings.admission, name) if own is None else own
-
         resolved.append(
             ProviderConfig(
                 id=p.id,
                 base_url=p.base_url.rstrip("/"),
                 api_key=key,
-                limit=p.limit,
-                usage_gate=p.usage_gate,
                 default=p.default or len(settings.providers) == 1,
                 connect_timeout_s=p.connect_timeout_s or settings.server.upstream_connect_timeout_s,
                 read_timeout_s=p.read_timeout_s or settings.server.upstream_read_timeout_s,
-                cooldown_ms=pick("cooldown_ms"),
-                slot_timeout_s=pick("slot_timeout_s"),
-                watchdog_interval_s=pick("watchdog_interval_s"),
-                pause_s=pick("pause_s"),
-                usage_poll_interval_ms=pick("usage_poll_interval_ms"),
-                queue_timeout_s=pick("queue_timeout_s"),
-                max_queue=pick("max_queue"),
-                retry_on_429=pick("retry_on_429"),
-                admitted_paths=pick("admitted_paths"),
+                policy=dataclasses.replace(
+                    default_policy, limit=p.limit, usage_gate=p.usage_gate, **p.overrides()
+                ),
             )
         )
     return resolved

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from proxy.admission import LimiterEvent, Rejection
+from proxy.admission import LimiterEvent, Policy, Rejection
 from proxy.cluster.admission import ClusterAdmission, ClusterSlot
 from proxy.cluster.hub import ClusterHub
 from proxy.settings import ClusterSettings, ProviderConfig
@@ -27,20 +27,19 @@ BASE = ProviderConfig(
     id="p",
     base_url="http://127.0.0.1:9/v1",
     api_key=None,
-    limit=1,
-    usage_gate=False,
     default=True,
     connect_timeout_s=1,
     read_timeout_s=1,
-    cooldown_ms=0,
-    slot_timeout_s=300,
-    watchdog_interval_s=30,
-    pause_s=1,
-    usage_poll_interval_ms=200,
-    queue_timeout_s=10,
-    max_queue=100,
-    retry_on_429=0,
-    admitted_paths=("/chat/completions",),
+    policy=Policy(
+        limit=1,
+        cooldown_ms=0,
+        pause_s=1,
+        usage_poll_interval_ms=200,
+        queue_timeout_s=10,
+        max_queue=100,
+        retry_on_429=0,
+        admitted_paths=("/chat/completions",),
+    ),
 )
 
 
@@ -69,7 +68,7 @@ async def replicas(
     poll_usage: Callable[[], Awaitable[int | None]] = _no_usage,
     **config: Any,
 ) -> AsyncIterator[list[Node]]:
-    provider = dataclasses.replace(BASE, **config)
+    provider = dataclasses.replace(BASE, policy=dataclasses.replace(BASE.policy, **config))
     loop = asyncio.get_running_loop()
     nodes = []
     for i in range(n):

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
+from proxy.admission.events import LimiterEvent
 from proxy.admission.limiter import (
     Limiter,
-    LimiterEvent,
     LimiterStatus,
     Permit,
     Policy,

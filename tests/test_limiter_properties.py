@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.admission.events import LimiterEvent
 from proxy.admission.limiter import (
     Limiter,
-    LimiterEvent,
     Permit,
     Policy,
     Rejection,

@@ -246,7 +246,7 @@ def test_compose_sidecar_config_is_a_valid_sluice_config(monkeypatch: pytest.Mon
         monkeypatch.setenv(name, re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)))
     (provider,) = resolve_providers(load(None))
     assert provider.base_url == "http://sim:8081/v1"
-    assert provider.limit == 4
+    assert provider.policy.limit == 4
     assert provider.api_key is None
     sim_args = services["sim"]["command"]
     parsed = build_parser("sim").parse_args(sim_args)

@@ -5,6 +5,7 @@ code of `sluice serve` on a bad config."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import certifi
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from proxy.admission import Policy
 from proxy.errors import ConfigError
 from proxy.settings import (
     AdmissionSettings,
@@ -68,7 +70,7 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
         "queue_timeout_s": 600,
         "max_queue": 10_000,
         "retry_on_429": 2,
-        "admitted_paths": ["/chat/completions", "/completions", "/responses"],
+        "admitted_paths": ["/chat/completions", "/completions", "/responses", "/messages"],
     },
     "cluster": {"redis_url": "", "lease_s": 15, "instance_id": ""},
 }
@@ -333,9 +335,12 @@ def test_providers_from_the_environment_alone(monkeypatch: pytest.MonkeyPatch) -
 
 def test_defaults_are_the_spec_values(tmp_path: Path) -> None:
     settings = load_text(tmp_path, PROVIDER_TOML)
+    # [admission] keys are overrides; their defaults are the resolved policy's.
+    (resolved,) = resolve_providers(settings)
     for section, values in SPEC_DEFAULTS.items():
+        holder = resolved.policy if section == "admission" else getattr(settings, section)
         for key, expected in values.items():
-            assert plain(getattr(getattr(settings, section), key)) == expected, f"{section}.{key}"
+            assert plain(getattr(holder, key)) == expected, f"{section}.{key}"
     for key, expected in PROVIDER_DEFAULTS.items():
         assert getattr(settings.providers[0], key) == expected, f"providers[0].{key}"
 
@@ -375,7 +380,11 @@ def test_example_loads_and_shows_the_defaults(monkeypatch: pytest.MonkeyPatch) -
     settings = load(EXAMPLE)
     tomllib.loads(EXAMPLE.read_text())  # plain TOML, no sluice-specific syntax
     for section, model in SECTIONS.items():
-        assert getattr(settings, section) == model(), section
+        if section == "admission":  # overrides: the example spells out the defaults
+            shown = dataclasses.replace(Policy(), **settings.admission.overrides())
+            assert shown == Policy(), section
+        else:
+            assert getattr(settings, section) == model(), section
     umans, openai = settings.providers
     assert (umans.id, umans.api_key_env, umans.limit, umans.usage_gate, umans.default) == (
         "umans",
@@ -886,10 +895,10 @@ def test_provider_overrides_beat_admission_and_server(
     text += toml_table("[[providers]]", NON_DEFAULT_PROVIDER)
     (resolved,) = resolve_providers(load_text(tmp_path, text))
     for key in AdmissionSettings.model_fields:
-        assert plain(getattr(resolved, key)) == NON_DEFAULT_PROVIDER[key], key
+        assert plain(getattr(resolved.policy, key)) == NON_DEFAULT_PROVIDER[key], key
     assert resolved.read_timeout_s == NON_DEFAULT_PROVIDER["read_timeout_s"]
     assert resolved.connect_timeout_s == NON_DEFAULT_PROVIDER["connect_timeout_s"]
-    assert (resolved.limit, resolved.usage_gate, resolved.default) == (4, True, True)
+    assert (resolved.policy.limit, resolved.policy.usage_gate, resolved.default) == (4, True, True)
     assert resolved.api_key == "sk-other"
 
 
@@ -899,18 +908,18 @@ def test_admission_and_server_values_fill_in(tmp_path: Path) -> None:
     text += PROVIDER_TOML
     (resolved,) = resolve_providers(load_text(tmp_path, text))
     for key, expected in NON_DEFAULT["admission"].items():
-        assert plain(getattr(resolved, key)) == expected, key
+        assert plain(getattr(resolved.policy, key)) == expected, key
     assert resolved.read_timeout_s == NON_DEFAULT["server"]["upstream_read_timeout_s"]
     assert resolved.connect_timeout_s == NON_DEFAULT["server"]["upstream_connect_timeout_s"]
-    assert resolved.limit is None
-    assert resolved.usage_gate is False
+    assert resolved.policy.limit is None
+    assert resolved.policy.usage_gate is False
     assert resolved.api_key is None
 
 
 def test_builtin_defaults_fill_in(tmp_path: Path) -> None:
     (resolved,) = resolve_providers(load_text(tmp_path, PROVIDER_TOML))
     for key, expected in SPEC_DEFAULTS["admission"].items():
-        assert plain(getattr(resolved, key)) == expected, key
+        assert plain(getattr(resolved.policy, key)) == expected, key
     assert resolved.read_timeout_s == 600
     assert resolved.connect_timeout_s == 10
 

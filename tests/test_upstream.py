@@ -14,6 +14,7 @@ import respx
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.admission import Policy
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.settings import ProviderConfig
 from proxy.upstream.client import USAGE_TIMEOUT_S, Upstream, parse_usage
@@ -32,20 +33,10 @@ def provider(base_url: str = BASE, api_key: str | None = KEY) -> ProviderConfig:
         id="sim",
         base_url=base_url,
         api_key=api_key,
-        limit=4,
-        usage_gate=False,
         default=True,
         connect_timeout_s=1.0,
         read_timeout_s=5.0,
-        cooldown_ms=0,
-        slot_timeout_s=300.0,
-        watchdog_interval_s=30.0,
-        pause_s=30.0,
-        usage_poll_interval_ms=1000,
-        queue_timeout_s=600.0,
-        max_queue=10,
-        retry_on_429=2,
-        admitted_paths=("/chat/completions",),
+        policy=Policy(limit=4, cooldown_ms=0, max_queue=10, admitted_paths=("/chat/completions",)),
     )
 
 

@@ -6,10 +6,9 @@ except through the callbacks it was given.
 """
 
 from proxy.admission.clock import Clock, Scheduler, Timer
+from proxy.admission.events import LimiterCounters, LimiterEvent
 from proxy.admission.limiter import (
     Limiter,
-    LimiterCounters,
-    LimiterEvent,
     LimiterStatus,
     Permit,
     Policy,

@@ -18,33 +18,32 @@ heap entry in the event loop, not a task).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, Literal
+from typing import Literal
 
+from proxy.admission import events
 from proxy.admission.clock import Clock, Scheduler, Timer
+from proxy.admission.events import LimiterCounters, LimiterEvent
 from proxy.admission.queue import WaitQueue
 
 UsagePoll = Callable[[Callable[[int | None], None]], None]
 """`poll(done)` starts a poll of the upstream's `/usage` and later calls
 `done(concurrent_sessions)`, or `done(None)` when the answer carried no information."""
 
-EventKind = Literal["rate_limited", "paused", "limit_reduced", "slot_reclaimed"]
 
-NOTICE: Final = (
-    "Concurrency limit auto-reduced to {limit} after a 429 — restore manually when ready."
-)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Policy:
-    """The per-provider settings the limiter enforces (resolved from the config)."""
+    """A provider's admission policy: every `[admission]` key and its default, resolved
+    per provider by `dataclasses.replace` (settings.py). The limiter enforces the first
+    group; the edge reads the rest."""
 
-    limit: int | None
+    limit: int | None = None
     cooldown_ms: int = 350
     slot_timeout_s: float = 300.0
     watchdog_interval_s: float = 30.0
@@ -53,6 +52,14 @@ class Policy:
     queue_timeout_s: float = 600.0
     max_queue: int = 10_000
     usage_gate: bool = False
+    # Read by the edge, not the limiter.
+    retry_on_429: int = 2
+    admitted_paths: tuple[str, ...] = (
+        "/chat/completions",
+        "/completions",
+        "/responses",
+        "/messages",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,28 +80,6 @@ class LimiterStatus:
     notice: str | None
     usage_gate: bool
     upstream_sessions: int | None  # the last successful /usage answer
-
-
-@dataclass
-class LimiterCounters:
-    """Monotonic counts since start, read by the metrics collector at scrape time
-    (plain ints: nothing on the request path pays for a metrics label lookup)."""
-
-    admitted: int = 0
-    rate_limited: int = 0
-    auto_reductions: int = 0
-    slots_reclaimed: int = 0
-    usage_polls_room: int = 0
-    usage_polls_full: int = 0
-    usage_polls_no_info: int = 0
-
-
-@dataclass(frozen=True)
-class LimiterEvent:
-    """Something an operator should be able to read back: a 429, a reduction, a reclaim."""
-
-    kind: EventKind
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -303,17 +288,15 @@ class Limiter:
 
     def set_cooldown_ms(self, cooldown_ms: int) -> None:
         """Applies to slots released from now on; slots already cooling keep their time."""
-        self.policy.cooldown_ms = cooldown_ms
+        self.policy = dataclasses.replace(self.policy, cooldown_ms=cooldown_ms)
 
     def notice(self) -> str | None:
-        if not self.auto_reduced or self.policy.limit is None:
-            return None
-        return NOTICE.format(limit=self.policy.limit)
+        return events.notice(self.policy.limit, self.auto_reduced)
 
     def _change_limit(self, limit: int | None) -> None:
         """The one place the limit changes. Lowering never evicts a running request;
         raising (or removing) wakes as many waiters as now fit."""
-        self.policy.limit = limit
+        self.policy = dataclasses.replace(self.policy, limit=limit)
         self._limit_epoch += 1
         self._arm_watchdog(self._clock())
         self._pump()
@@ -329,19 +312,17 @@ class Limiter:
         """
         now = self._clock()
         delay = self.policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
-        self.counters.rate_limited += 1
-        self._emit("rate_limited", "429 from upstream" + _conversation(permit.conversation_id))
+        self._emit(events.rate_limited(permit.conversation_id))
         if now + delay > self._paused_until:  # a new 429 extends a pause, never shortens it
             self._paused_until = now + delay
-            self._emit("paused", f"queue paused for {delay:g} s")
+            self._emit(events.paused(delay))
         limit = self.policy.limit
         if limit is not None and limit > 1 and permit.limit_epoch == self._limit_epoch:
             if not self.auto_reduced:
                 self.auto_reduced_from = limit
             self.auto_reduced = True
             self._change_limit(limit - 1)  # the pause is in force: this admits nobody
-            self.counters.auto_reductions += 1
-            self._emit("limit_reduced", f"limit {limit} -> {limit - 1} after a 429")
+            self._emit(events.limit_reduced(limit, limit - 1))
         # Release last: the pause must already be in force, or the freed slot
         # would go straight to the next waiter.
         permit.release()
@@ -449,10 +430,7 @@ class Limiter:
         )
 
     def _retry_after_s(self, now: float) -> int:
-        """What a refused client should wait: the rest of a pause, else a second."""
-        if now >= self._paused_until:
-            return 1
-        return max(1, math.ceil(self._paused_until - now))
+        return events.retry_after_s(self._paused_until - now)
 
     def _pump(self) -> None:
         """Admit waiters while the rules allow. Re-entrant calls (an `on_done` that
@@ -556,11 +534,7 @@ class Limiter:
         limit_s = self.policy.slot_timeout_s
         for permit in [p for p in self._running.values() if now - p.admitted_at > limit_s]:
             held_ms = round((now - permit.admitted_at) * 1000)
-            self.counters.slots_reclaimed += 1
-            self._emit(
-                "slot_reclaimed",
-                f"slot held {held_ms} ms reclaimed" + _conversation(permit.conversation_id),
-            )
+            self._emit(events.slot_reclaimed(held_ms, permit.conversation_id))
             # Reclaiming releases the slot now; the permit's own release later is a no-op.
             self._release(permit)
         if self._running:
@@ -590,9 +564,6 @@ class Limiter:
         if current is not None:
             current[1].cancel()
 
-    def _emit(self, kind: EventKind, detail: str) -> None:
-        self._on_event(LimiterEvent(kind, detail))
-
-
-def _conversation(conversation_id: str | None) -> str:
-    return f" (conversation {conversation_id})" if conversation_id else ""
+    def _emit(self, event: LimiterEvent) -> None:
+        self.counters.count(event)
+        self._on_event(event)

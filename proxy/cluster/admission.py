@@ -34,8 +34,8 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-from proxy.admission import LimiterCounters, LimiterEvent, LimiterStatus, Permit, Rejection
-from proxy.admission.limiter import NOTICE, EventKind, Waiter
+from proxy.admission import LimiterCounters, LimiterEvent, LimiterStatus, Permit, Rejection, events
+from proxy.admission.limiter import Waiter
 from proxy.cluster.fallback import LocalShare, release_local, share
 from proxy.cluster.hub import ClusterHub
 from proxy.cluster.scripts import NoState, RedisDown, Reply, Scripts, Shared, owner
@@ -189,7 +189,7 @@ class ClusterAdmission:
         self._waiting: dict[str, _Waiter] = {}  # attach id -> waiter in the shared queue
         self._parked: set[_Waiter] = set()  # waiters in the local share's queue
         self._held: dict[str, ClusterSlot] = {}  # lease id -> slot
-        self._state = Shared(config.limit, config.cooldown_ms, 0, False, None, 0)
+        self._state = Shared(config.policy.limit, config.policy.cooldown_ms, 0, False, None, 0)
         self._initialized = False
         self._replicas = 0  # replicas last seen (0: never reached Redis)
         self._fallback: LocalShare | None = None
@@ -201,7 +201,9 @@ class ClusterAdmission:
         self._polling = False
         self._recheck_s = min(RECHECK_S, hub.lease_s / 3)
         # The poll lock outlives a poll that hits the usage timeout.
-        self._poll_lock_ms = config.usage_poll_interval_ms + round(USAGE_TIMEOUT_S * 1000) + 1000
+        self._poll_lock_ms = (
+            config.policy.usage_poll_interval_ms + round(USAGE_TIMEOUT_S * 1000) + 1000
+        )
         self._last = self._empty_status()
         self._view = ClusterView("redis", hub.instance_id, 0, None, ())
         hub.register(self)
@@ -245,7 +247,7 @@ class ClusterAdmission:
             seq = next(self._seqs)
         waiter = _Waiter(self._loop.create_future(), prompt_started_at, seq, conversation_id)
         # The queue timeout is the request's own, whichever queue it is in meanwhile.
-        timer = self._loop.call_later(self.config.queue_timeout_s, self._expire, waiter)
+        timer = self._loop.call_later(self.config.policy.queue_timeout_s, self._expire, waiter)
         try:
             self._attach(waiter)
             return await waiter.future
@@ -257,18 +259,17 @@ class ClusterAdmission:
 
     async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
         assert isinstance(slot, ClusterSlot), "a ClusterAdmission only hands out ClusterSlots"
-        delay = self.config.pause_s if retry_after_s is None else max(0.0, retry_after_s)
-        conversation = _conversation(slot.conversation_id)
+        delay = self.config.policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
         local = self._fallback
         if local is not None:
             if isinstance(slot.local, Permit):
                 # The local share pauses and reduces itself (and reports the events).
                 local.limiter.on_rate_limited(slot.local, delay)
             else:
-                self._emit("rate_limited", "429 from upstream" + conversation)
+                self._emit(events.rate_limited(slot.conversation_id))
             slot.release()
             return
-        self._emit("rate_limited", "429 from upstream" + conversation)
+        self._emit(events.rate_limited(slot.conversation_id))
         # The script releases the slot after the pause is in force; the relay's own
         # release later is a no-op.
         slot.released = True
@@ -279,7 +280,7 @@ class ClusterAdmission:
                 slot.lease_id,
                 slot.epoch,
                 pause_ms,
-                gated=self.config.usage_gate,
+                gated=self.config.policy.usage_gate,
                 poll_lock_ms=self._poll_lock_ms,
             )
         )
@@ -287,9 +288,9 @@ class ClusterAdmission:
             return
         extended, reduced, before = reply.detail.split()
         if extended == "1":
-            self._emit("paused", f"queue paused for {delay:g} s")
+            self._emit(events.paused(delay))
         if reduced == "1":
-            self._emit("limit_reduced", f"limit {before} -> {reply.state.limit} after a 429")
+            self._emit(events.limit_reduced(before, reply.state.limit))
         self._on_reply(reply)
 
     async def set_limit(self, limit: int | None) -> None:
@@ -339,7 +340,7 @@ class ClusterAdmission:
                     auto_reduced=st.auto_reduced,
                     auto_reduced_from=st.auto_reduced_from if st.auto_reduced else None,
                     notice=_notice(st),
-                    usage_gate=self.config.usage_gate and st.limit is not None,
+                    usage_gate=self.config.policy.usage_gate and st.limit is not None,
                     upstream_sessions=census.upstream_sessions,
                 )
                 loads = tuple(
@@ -399,11 +400,7 @@ class ClusterAdmission:
         self._replicas = renewal.replicas
         self._state = renewal.state
         for member in renewal.expired:
-            self._emit(
-                "slot_reclaimed",
-                f"slot of replica {owner(member)} reclaimed: its lease expired "
-                "(the replica stopped renewing it)",
-            )
+            self._emit(events.lease_expired(owner(member)))
         # Ours, still in use, but gone from Redis: a stall longer than lease_s, or a
         # Redis that lost data without restarting. Count them again.
         # Judged on the state now, not the one sent: a waiter granted (or a slot
@@ -436,7 +433,7 @@ class ClusterAdmission:
             cooldown_ms=self._state.cooldown_ms,
             loop=self._loop,
             poll_usage=self._poll_usage,
-            on_event=self._emit_event,
+            on_event=self._emit,
         )
         self._fallback = local
         for slot in self._held.values():
@@ -458,7 +455,7 @@ class ClusterAdmission:
             await self._init()
         seeded, state, replicas = await self._scripts.rejoin(
             dataclasses.replace(self._state, epoch=self._state.epoch + 1),
-            (self.config.limit, self.config.cooldown_ms),
+            (self.config.policy.limit, self.config.policy.cooldown_ms),
             list(self._held),
         )
         self._state = state
@@ -512,8 +509,8 @@ class ClusterAdmission:
                 waiter.prompt,
                 tie,
                 attach_id,
-                max_queue=self.config.max_queue,
-                gated=self.config.usage_gate,
+                max_queue=self.config.policy.max_queue,
+                gated=self.config.policy.usage_gate,
                 poll_lock_ms=self._poll_lock_ms,
             )
         )
@@ -581,7 +578,7 @@ class ClusterAdmission:
     async def _release_shared(self, lease_id: str) -> None:
         reply = await self._try(
             lambda: self._scripts.release(
-                lease_id, gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
+                lease_id, gated=self.config.policy.usage_gate, poll_lock_ms=self._poll_lock_ms
             )
         )
         if reply is not None:
@@ -616,7 +613,7 @@ class ClusterAdmission:
     async def _leave(self, member: str) -> None:
         reply = await self._try(
             lambda: self._scripts.leave(
-                member, gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
+                member, gated=self.config.policy.usage_gate, poll_lock_ms=self._poll_lock_ms
             )
         )
         if reply is not None:
@@ -687,7 +684,7 @@ class ClusterAdmission:
             auto_reduced=False,
             auto_reduced_from=None,
             notice=None,
-            usage_gate=self.config.usage_gate and st.limit is not None,
+            usage_gate=self.config.policy.usage_gate and st.limit is not None,
             upstream_sessions=None,
         )
 
@@ -733,7 +730,7 @@ class ClusterAdmission:
                     return
                 reply = await self._try(
                     lambda: self._scripts.pump(
-                        gated=self.config.usage_gate, poll_lock_ms=self._poll_lock_ms
+                        gated=self.config.policy.usage_gate, poll_lock_ms=self._poll_lock_ms
                     )
                 )
                 if reply is None:
@@ -757,8 +754,8 @@ class ClusterAdmission:
             reply = await self._try(
                 lambda: self._scripts.usage(
                     sessions,
-                    interval_ms=self.config.usage_poll_interval_ms,
-                    gated=self.config.usage_gate,
+                    interval_ms=self.config.policy.usage_poll_interval_ms,
+                    gated=self.config.policy.usage_gate,
                     poll_lock_ms=self._poll_lock_ms,
                 )
             )
@@ -779,7 +776,7 @@ class ClusterAdmission:
 
     async def _init(self) -> tuple[str, str]:
         limit_source, cooldown_source, state = await self._scripts.init(
-            self.config.limit, self.config.cooldown_ms
+            self.config.policy.limit, self.config.policy.cooldown_ms
         )
         self._state = state
         self._initialized = True
@@ -806,7 +803,7 @@ class ClusterAdmission:
     async def _reseed(self) -> None:
         _, state, replicas = await self._scripts.rejoin(
             dataclasses.replace(self._state, epoch=self._state.epoch + 1),
-            (self.config.limit, self.config.cooldown_ms),
+            (self.config.policy.limit, self.config.policy.cooldown_ms),
             list(self._held),
         )
         self._state = state
@@ -833,13 +830,10 @@ class ClusterAdmission:
     def _watchdog(self) -> None:
         """Slots held longer than slot_timeout_s are reclaimed, as in one process."""
         now = self._loop.time()
-        limit_s = self.config.slot_timeout_s
+        limit_s = self.config.policy.slot_timeout_s
         for slot in [s for s in self._held.values() if now - s.admitted_at > limit_s]:
             held_ms = round((now - slot.admitted_at) * 1000)
-            self._emit(
-                "slot_reclaimed",
-                f"slot held {held_ms} ms reclaimed" + _conversation(slot.conversation_id),
-            )
+            self._emit(events.slot_reclaimed(held_ms, slot.conversation_id))
             slot.release()
 
     def _remember_tie(self, seq: int, member: str) -> None:
@@ -848,17 +842,9 @@ class ClusterAdmission:
                 del self._ties[next(iter(self._ties))]
             self._ties[seq] = member.partition("|")[0]
 
-    def _emit(self, kind: EventKind, detail: str) -> None:
-        self._emit_event(LimiterEvent(kind, detail))
-
-    def _emit_event(self, event: LimiterEvent) -> None:
-        c = self._counters
-        if event.kind == "rate_limited":
-            c.rate_limited += 1
-        elif event.kind == "limit_reduced":
-            c.auto_reductions += 1
-        elif event.kind == "slot_reclaimed":
-            c.slots_reclaimed += 1
+    def _emit(self, event: LimiterEvent) -> None:
+        """Count and report an event (also those of the fallback's local limiter)."""
+        self._counters.count(event)
         self._on_event(event)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -880,15 +866,8 @@ class ClusterAdmission:
 
 
 def _notice(st: Shared) -> str | None:
-    if not st.auto_reduced or st.limit is None:
-        return None
-    return NOTICE.format(limit=st.limit)
+    return events.notice(st.limit, st.auto_reduced)
 
 
 def _retry_after_s(st: Shared) -> int:
-    """What a refused client should wait: the rest of a pause, else a second."""
-    return max(1, math.ceil(st.paused_ms / 1000))
-
-
-def _conversation(conversation_id: str | None) -> str:
-    return f" (conversation {conversation_id})" if conversation_id else ""
+    return events.retry_after_s(st.paused_ms / 1000)

@@ -18,7 +18,6 @@ from typing import Final
 
 from proxy.admission import Limiter, LimiterEvent, Permit, Rejection, Waiter
 from proxy.admission.aio import UsagePolls
-from proxy.runtime.provider import policy_for
 from proxy.settings import ProviderConfig
 
 NEVER_S: Final = 10.0**9
@@ -54,7 +53,7 @@ class LocalShare:
         self.limiter = Limiter(
             config.id,
             dataclasses.replace(
-                policy_for(config), limit=share, cooldown_ms=cooldown_ms, queue_timeout_s=NEVER_S
+                config.policy, limit=share, cooldown_ms=cooldown_ms, queue_timeout_s=NEVER_S
             ),
             clock=loop.time,
             scheduler=loop.call_later,

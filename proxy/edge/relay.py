@@ -233,7 +233,7 @@ class Relay:
         seq = admission.next_seq()
         loop = asyncio.get_running_loop()
         queued_s = 0.0
-        retries_left = provider.config.retry_on_429
+        retries_left = provider.config.policy.retry_on_429
         while True:
             waited_from = loop.time()
             outcome = await admission.admit(priority, conversation_id=ex.conversation_id, seq=seq)

@@ -57,13 +57,13 @@ class Control:
             if overrides is None or p.admission.shared:
                 continue
             config = p.config
-            if overrides.limit is not None and overrides.limit.config_basis != config.limit:
-                rebased = LimitOverride(config.limit, config.limit, False, None, None)
+            if overrides.limit is not None and overrides.limit.config_basis != config.policy.limit:
+                rebased = LimitOverride(config.policy.limit, config.policy.limit, False, None, None)
                 await self.store.save_limit(p.id, rebased)
             cooldown = overrides.cooldown
-            if cooldown is not None and cooldown.config_basis != config.cooldown_ms:
+            if cooldown is not None and cooldown.config_basis != config.policy.cooldown_ms:
                 await self.store.save_cooldown(
-                    p.id, CooldownOverride(config.cooldown_ms, config.cooldown_ms)
+                    p.id, CooldownOverride(config.policy.cooldown_ms, config.policy.cooldown_ms)
                 )
         return sources
 
@@ -71,7 +71,7 @@ class Control:
 
     async def set_limit(self, provider: Provider, limit: int | None) -> None:
         """A manual limit (None removes it): durable first, then applied."""
-        override = LimitOverride(limit, provider.config.limit, False, None, None)
+        override = LimitOverride(limit, provider.config.policy.limit, False, None, None)
         kind = "limit_set" if limit is not None else "limit_removed"
         detail = f"limit set to {limit} by the admin API" if limit else "limit removed"
         event = Event(now_ms(), provider.id, kind, detail)
@@ -84,7 +84,7 @@ class Control:
         log.info(kind, provider=provider.id, limit=limit)
 
     async def set_cooldown(self, provider: Provider, cooldown_ms: int) -> None:
-        override = CooldownOverride(cooldown_ms, provider.config.cooldown_ms)
+        override = CooldownOverride(cooldown_ms, provider.config.policy.cooldown_ms)
         event = Event(now_ms(), provider.id, "cooldown_set", f"cooldown set to {cooldown_ms} ms")
         await self._admin_write(
             provider,
@@ -130,7 +130,7 @@ class Control:
                 # manual limit applied in between must not be overwritten.
                 override = LimitOverride(
                     admission.limit,
-                    provider.config.limit,
+                    provider.config.policy.limit,
                     admission.notice() is not None,
                     admission.auto_reduced_from,
                     admission.notice(),

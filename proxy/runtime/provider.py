@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus, Policy
+from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus
 from proxy.admission.aio import UsagePolls, admit
 from proxy.admission.limiter import Permit, Rejection
 from proxy.runtime.seam import Admission, ClusterView, Slot
@@ -82,7 +82,7 @@ class LocalAdmission:
         limit_source = cooldown_source = "config"
         if stored is not None and stored.limit is not None:
             o = stored.limit
-            if o.config_basis == config.limit:
+            if o.config_basis == config.policy.limit:
                 limit_source = "store"
                 if o.auto_reduced and o.limit is not None:
                     limiter.restore_auto_reduced(o.limit, o.auto_reduced_from)
@@ -92,7 +92,7 @@ class LocalAdmission:
                 limit_source = "config (changed since the stored value)"
         if stored is not None and stored.cooldown is not None:
             c = stored.cooldown
-            if c.config_basis == config.cooldown_ms:
+            if c.config_basis == config.policy.cooldown_ms:
                 cooldown_source = "store"
                 limiter.set_cooldown_ms(c.cooldown_ms)
             else:
@@ -143,7 +143,7 @@ class Provider:
         self.id_bytes = config.id.encode()
         self.observe_queue_wait = observe_queue_wait or _ignore
         self.observe_ttfb = observe_ttfb or _ignore
-        self.admitted_paths = frozenset(path.rstrip("/") for path in config.admitted_paths)
+        self.admitted_paths = frozenset(path.rstrip("/") for path in config.policy.admitted_paths)
         self.upstream = Upstream(config, transport=transport, ca_bundle=ca_bundle)
         self._polls = UsagePolls(loop, self.upstream.poll_usage)
         self._on_event = on_event
@@ -153,7 +153,7 @@ class Provider:
             return
         limiter = Limiter(
             config.id,
-            policy_for(config),
+            config.policy,
             clock=loop.time,
             scheduler=loop.call_later,
             poll_usage=self._polls,
@@ -173,21 +173,6 @@ class Provider:
         await self.admission.close()
         self._polls.cancel()
         await self.upstream.close()
-
-
-def policy_for(config: ProviderConfig) -> Policy:
-    """The admission policy a provider's config asks for."""
-    return Policy(
-        limit=config.limit,
-        cooldown_ms=config.cooldown_ms,
-        slot_timeout_s=config.slot_timeout_s,
-        watchdog_interval_s=config.watchdog_interval_s,
-        pause_s=config.pause_s,
-        usage_poll_interval_ms=config.usage_poll_interval_ms,
-        queue_timeout_s=config.queue_timeout_s,
-        max_queue=config.max_queue,
-        usage_gate=config.usage_gate,
-    )
 
 
 def _ignore(_: float) -> None:

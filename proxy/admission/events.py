@@ -1,0 +1,88 @@
+"""What the admission reports, the same way in one process and in a cluster: event
+kinds and their wording, the auto-reduce notice, the Retry-After of a refusal, and
+the counters the metrics read. The single-process `Limiter` and the Redis-backed
+`ClusterAdmission` both build their events here, so the two never drift apart."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal
+
+EventKind = Literal["rate_limited", "paused", "limit_reduced", "slot_reclaimed"]
+
+NOTICE: Final = (
+    "Concurrency limit auto-reduced to {limit} after a 429 — restore manually when ready."
+)
+
+
+@dataclass(frozen=True)
+class LimiterEvent:
+    """Something an operator should be able to read back: a 429, a reduction, a reclaim."""
+
+    kind: EventKind
+    detail: str
+
+
+@dataclass
+class LimiterCounters:
+    """Monotonic counts since start, read by the metrics collector at scrape time
+    (plain ints: nothing on the request path pays for a metrics label lookup)."""
+
+    admitted: int = 0
+    rate_limited: int = 0
+    auto_reductions: int = 0
+    slots_reclaimed: int = 0
+    usage_polls_room: int = 0
+    usage_polls_full: int = 0
+    usage_polls_no_info: int = 0
+
+    def count(self, event: LimiterEvent) -> None:
+        """Count the events that have a counter of their own."""
+        if event.kind == "rate_limited":
+            self.rate_limited += 1
+        elif event.kind == "limit_reduced":
+            self.auto_reductions += 1
+        elif event.kind == "slot_reclaimed":
+            self.slots_reclaimed += 1
+
+
+def notice(limit: int | None, auto_reduced: bool) -> str | None:
+    """The operator's notice while a 429 reduction is in force."""
+    if not auto_reduced or limit is None:
+        return None
+    return NOTICE.format(limit=limit)
+
+
+def retry_after_s(pause_left_s: float) -> int:
+    """What a refused client should wait: the rest of a pause, else a second."""
+    return max(1, math.ceil(pause_left_s)) if pause_left_s > 0 else 1
+
+
+def rate_limited(conversation_id: str | None) -> LimiterEvent:
+    return LimiterEvent("rate_limited", "429 from upstream" + _conversation(conversation_id))
+
+
+def paused(delay_s: float) -> LimiterEvent:
+    return LimiterEvent("paused", f"queue paused for {delay_s:g} s")
+
+
+def limit_reduced(before: int | str, after: int | None) -> LimiterEvent:
+    return LimiterEvent("limit_reduced", f"limit {before} -> {after} after a 429")
+
+
+def slot_reclaimed(held_ms: int, conversation_id: str | None) -> LimiterEvent:
+    return LimiterEvent(
+        "slot_reclaimed", f"slot held {held_ms} ms reclaimed" + _conversation(conversation_id)
+    )
+
+
+def lease_expired(replica: str) -> LimiterEvent:
+    return LimiterEvent(
+        "slot_reclaimed",
+        f"slot of replica {replica} reclaimed: its lease expired (the replica stopped renewing it)",
+    )
+
+
+def _conversation(conversation_id: str | None) -> str:
+    return f" (conversation {conversation_id})" if conversation_id else ""
