@@ -102,6 +102,7 @@ class AdmissionSettings(_Section):
     max_queue: Count | None = None
     retry_on_429: Count | None = None
     admitted_paths: tuple[str, ...] | None = None
+    derive_prompt_start: bool | None = None
 
     @model_validator(mode="after")
     def _paths_are_absolute(self) -> Self:
@@ -116,6 +117,12 @@ class AdmissionSettings(_Section):
 
 
 _ADMISSION_KEYS = frozenset(AdmissionSettings.model_fields)
+
+
+class AdmissionSection(AdmissionSettings):
+    """`[admission]`: the per-provider keys' common values, plus what is one for all."""
+
+    prompt_memory_s: PositiveSeconds = 86_400
 
 
 class ProviderSettings(AdmissionSettings):
@@ -162,7 +169,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = ServerSettings()
-    admission: AdmissionSettings = AdmissionSettings()
+    admission: AdmissionSection = AdmissionSection()
     providers: tuple[ProviderSettings, ...] = Field(min_length=1)
     cluster: ClusterSettings = ClusterSettings()
 

@@ -81,7 +81,7 @@ async def test_oldest_prompt_first_whatever_the_arrival_order(
             await stream_text(client, url, headers)
             order.append(name)
 
-        holder = asyncio.create_task(agent("holder", "1000", tokens="40"))
+        holder = asyncio.create_task(agent("holder", "1795830000000", tokens="40"))
         await eventually(lambda: _running(client, proxy, 1))
         waiters = []
         # Arrival order: newest prompt first; an RFC 3339 time in the middle.

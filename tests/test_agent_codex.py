@@ -180,7 +180,6 @@ def test_codex_finishes_a_tool_round_through_sluice(through_sluice: ThroughSluic
     assert {line["provider"] for line in access} == {"sim"}
 
 
-@pytest.mark.xfail(reason="prompt fields land with the derivation wiring", strict=False)
 def test_codex_requests_of_one_prompt_share_its_start(through_sluice: ThroughSluice) -> None:
     access = through_sluice.access
     assert len(access) >= 2, access

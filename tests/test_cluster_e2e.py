@@ -230,7 +230,7 @@ async def test_three_replicas_share_one_limit_and_one_line(
         await eventually(lambda: _running(client, replicas[0], 4))
         # 56 more, spread over the replicas, each with its own prompt start time,
         # arriving in an order unrelated to it.
-        prompts = random.Random(8).sample(range(1_000, 1_000_000), 56)
+        prompts = random.Random(8).sample(range(10**12, 10**12 + 1_000_000), 56)
         waiters = [
             asyncio.create_task(
                 stream(
@@ -318,11 +318,11 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(
         # Its waiters are the oldest: they are the head of the line when it dies.
         doomed += [
             asyncio.create_task(stream(client, victim, "r0", {"x-prompt-started-at": p}))
-            for p in ("100", "200")
+            for p in ("1000000000100", "1000000000200")
         ]
         await eventually(lambda: _queued(client, survivor, 2))
         bystander = asyncio.create_task(
-            stream(client, survivor, "r1", {"x-prompt-started-at": "300"})
+            stream(client, survivor, "r1", {"x-prompt-started-at": "1000000000300"})
         )
         await eventually(lambda: _queued(client, survivor, 3))
         victim.stop(signal.SIGKILL)

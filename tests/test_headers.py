@@ -34,8 +34,15 @@ def test_epoch_milliseconds_integer() -> None:
     assert prompt_started_at_ms("1795858200000", NOW_MS) == PROMPT_MS
 
 
-def test_epoch_milliseconds_zero_is_the_epoch() -> None:
-    assert prompt_started_at_ms("0", NOW_MS) == 0
+@pytest.mark.parametrize("value", ["0", "1795858200", "99999999999"])
+def test_an_integer_below_1e11_is_refused_as_epoch_seconds(value: str) -> None:
+    with pytest.raises(BadRequest, match="looks like epoch seconds") as err:
+        prompt_started_at_ms(value, NOW_MS)
+    assert f"e.g. {value}000" in err.value.message
+
+
+def test_1e11_is_the_smallest_epoch_milliseconds() -> None:
+    assert prompt_started_at_ms("100000000000", NOW_MS) == 10**11
 
 
 def test_surrounding_whitespace_is_ignored() -> None:
@@ -117,7 +124,7 @@ def test_prompt_start_of_any_text_is_a_time_not_after_now_or_bad_request(value: 
     assert at <= NOW_MS
 
 
-@given(st.integers(min_value=0, max_value=10**16 - 1))
+@given(st.integers(min_value=10**11, max_value=10**16 - 1))
 def test_prompt_start_epoch_round_trip(ms: int) -> None:
     assert prompt_started_at_ms(str(ms), NOW_MS) == min(ms, NOW_MS)
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, SecretStr
 from proxy.admission import Policy
 from proxy.errors import ConfigError
 from proxy.settings import (
+    AdmissionSection,
     AdmissionSettings,
     ClusterSettings,
     ProviderSettings,
@@ -41,7 +42,7 @@ SECOND_PROVIDER_TOML = '[[providers]]\nid = "openai"\nbase_url = "https://api.op
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "server": ServerSettings,
-    "admission": AdmissionSettings,
+    "admission": AdmissionSection,
     "cluster": ClusterSettings,
 }
 
@@ -71,6 +72,8 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_queue": 10_000,
         "retry_on_429": 2,
         "admitted_paths": ["/chat/completions", "/completions", "/responses", "/messages"],
+        "derive_prompt_start": True,
+        "prompt_memory_s": 86_400,
     },
     "cluster": {"redis_url": "", "lease_s": 15, "instance_id": ""},
 }
@@ -91,6 +94,7 @@ PROVIDER_DEFAULTS: dict[str, Any] = {
     "max_queue": None,
     "retry_on_429": None,
     "admitted_paths": None,
+    "derive_prompt_start": None,
 }
 
 # Every key set to a value that is not its default.
@@ -118,6 +122,8 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "max_queue": 50,
         "retry_on_429": 5,
         "admitted_paths": ["/chat/completions", "/embeddings"],
+        "derive_prompt_start": False,
+        "prompt_memory_s": 3600.5,
     },
     "cluster": {
         "redis_url": "redis://localhost:6379/0",
@@ -143,6 +149,7 @@ NON_DEFAULT_PROVIDER: dict[str, Any] = {
     "max_queue": 0,
     "retry_on_429": 0,
     "admitted_paths": ["/responses"],
+    "derive_prompt_start": False,
 }
 # `api_key` excludes `api_key_env`, so it gets a provider of its own.
 KEYED_PROVIDER: dict[str, Any] = {
@@ -338,8 +345,9 @@ def test_defaults_are_the_spec_values(tmp_path: Path) -> None:
     # [admission] keys are overrides; their defaults are the resolved policy's.
     (resolved,) = resolve_providers(settings)
     for section, values in SPEC_DEFAULTS.items():
-        holder = resolved.policy if section == "admission" else getattr(settings, section)
         for key, expected in values.items():
+            policy_key = section == "admission" and key in AdmissionSettings.model_fields
+            holder = resolved.policy if policy_key else getattr(settings, section)
             assert plain(getattr(holder, key)) == expected, f"{section}.{key}"
     for key, expected in PROVIDER_DEFAULTS.items():
         assert getattr(settings.providers[0], key) == expected, f"providers[0].{key}"
@@ -907,8 +915,8 @@ def test_admission_and_server_values_fill_in(tmp_path: Path) -> None:
     text += toml_table("[admission]", NON_DEFAULT["admission"])
     text += PROVIDER_TOML
     (resolved,) = resolve_providers(load_text(tmp_path, text))
-    for key, expected in NON_DEFAULT["admission"].items():
-        assert plain(getattr(resolved.policy, key)) == expected, key
+    for key in AdmissionSettings.model_fields:
+        assert plain(getattr(resolved.policy, key)) == NON_DEFAULT["admission"][key], key
     assert resolved.read_timeout_s == NON_DEFAULT["server"]["upstream_read_timeout_s"]
     assert resolved.connect_timeout_s == NON_DEFAULT["server"]["upstream_connect_timeout_s"]
     assert resolved.policy.limit is None
@@ -918,8 +926,8 @@ def test_admission_and_server_values_fill_in(tmp_path: Path) -> None:
 
 def test_builtin_defaults_fill_in(tmp_path: Path) -> None:
     (resolved,) = resolve_providers(load_text(tmp_path, PROVIDER_TOML))
-    for key, expected in SPEC_DEFAULTS["admission"].items():
-        assert plain(getattr(resolved.policy, key)) == expected, key
+    for key in AdmissionSettings.model_fields:
+        assert plain(getattr(resolved.policy, key)) == SPEC_DEFAULTS["admission"][key], key
     assert resolved.read_timeout_s == 600
     assert resolved.connect_timeout_s == 10
 

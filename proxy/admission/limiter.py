@@ -60,6 +60,7 @@ class Policy:
         "/responses",
         "/messages",
     )
+    derive_prompt_start: bool = True
 
 
 @dataclass(frozen=True)

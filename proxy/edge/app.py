@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from proxy.edge.relay import Receive, Relay, Scope, Send, send_error
 from proxy.edge.routing import Router
 from proxy.errors import HTTPError
 from proxy.runtime.control import Control
+from proxy.runtime.prompt_times import LocalPromptTimes, PromptTimes
 from proxy.runtime.provider import AdmissionFactory, Provider
 from proxy.runtime.store import Store
 from proxy.settings import ProviderConfig, Settings, resolve_providers, secrets
@@ -117,6 +119,7 @@ class Sluice:
         sources = await self.control.restore(self.providers.values())
         if self.cluster is not None:
             await self.cluster.start()
+        self.relay.prompts = await self._prompt_times(store)
         log.info("sluice started", providers=sources)
         # Everything built so far lives as long as the process: keep it out of the
         # garbage collector's generations so collections stay short under load. And
@@ -126,9 +129,24 @@ class Sluice:
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
 
+    async def _prompt_times(self, store: Store) -> PromptTimes:
+        """Where first-seen prompt times live: Redis in cluster mode, else memory
+        backed by the store (loaded now)."""
+        ttl_ms = self.settings.admission.prompt_memory_s * 1000
+        if self.cluster is not None:
+            from proxy.cluster.prompt_times import RedisPromptTimes
+
+            return RedisPromptTimes(self.cluster.redis, ttl_ms)
+        local = LocalPromptTimes(store, ttl_ms)
+        await local.start(time.time() * 1000)
+        return local
+
     async def close(self) -> None:
         for provider in self.providers.values():
             await provider.close()
+        if self.relay.prompts is not None:
+            await self.relay.prompts.close()  # its last batch, before the store closes
+            self.relay.prompts = None
         if self.cluster is not None:
             await self.cluster.close()
         if self.control is not None:

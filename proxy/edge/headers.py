@@ -15,6 +15,10 @@ from proxy.errors import BadRequest
 
 _DELTA_SECONDS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
+MIN_EPOCH_MS = 10**11
+"""Below this an integer is not epoch milliseconds (10^11 ms is March 1973; epoch
+seconds stay below it until the year 5138)."""
+
 
 def prompt_started_at_ms(value: str | None, now_ms: float) -> float:
     """The `X-Prompt-Started-At` header as epoch milliseconds; absent means now.
@@ -28,6 +32,11 @@ def prompt_started_at_ms(value: str | None, now_ms: float) -> float:
     text = value.strip()
     if text.isascii() and text.isdigit() and len(text) <= 16:
         at = float(int(text))
+        if at < MIN_EPOCH_MS:
+            raise BadRequest(
+                f"X-Prompt-Started-At {text} looks like epoch seconds (or is not a time); "
+                f"send epoch milliseconds, e.g. {text}000"
+            )
     else:
         try:
             parsed = datetime.fromisoformat(text.replace("z", "Z"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import structlog
 
 from proxy.admission import Rejection
-from proxy.edge.headers import prompt_started_at_ms, retry_after_s
+from proxy.edge.headers import MIN_EPOCH_MS, prompt_started_at_ms, retry_after_s
 from proxy.edge.routing import Route
 from proxy.errors import (
     BodyTooLarge,
@@ -25,6 +26,15 @@ from proxy.errors import (
     QueueTimeout,
     UpstreamError,
 )
+from proxy.prompts import (
+    Dialect,
+    agent_started_at_ms,
+    conversation_from_headers,
+    derive,
+    dialect_for,
+    response_key,
+)
+from proxy.runtime.prompt_times import PromptTimes
 from proxy.runtime.provider import Provider
 from proxy.runtime.seam import Slot
 from proxy.upstream.transport import HOP_BY_HOP, UpstreamResponse
@@ -124,6 +134,8 @@ class Exchange:
         "conversation_id",
         "method",
         "path",
+        "prompt_source",
+        "prompt_started_at",
         "provider",
         "queue_ms",
         "sent_at",
@@ -142,6 +154,8 @@ class Exchange:
         self.upstream_ms: int | None = None
         self.bytes = 0
         self.conversation_id: str | None = None
+        self.prompt_started_at: int | None = None  # epoch ms, on admitted requests
+        self.prompt_source: str | None = None  # header, agent, derived or arrival
         self.started = False
         self.sent_at = 0.0  # perf_counter() when the request went upstream
 
@@ -154,6 +168,7 @@ class Relay:
 
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
+        self.prompts: PromptTimes | None = None  # set at start (app.py)
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, route: Route[Provider]
@@ -178,8 +193,11 @@ class Relay:
             # The stream is relayed here rather than in a method of its own: every
             # coroutine frame stays alive for as long as the stream is open.
             size = await _start_response(send, response, provider, ex)
+            catch = self._response_id_catcher(route, ex)
             finished = False
             async for chunk in response.chunks():
+                if catch is not None and catch(chunk):
+                    catch = None
                 ex.bytes += len(chunk)
                 # With a Content-Length the last chunk can end the response itself,
                 # saving a write; the loop still runs on to the upstream's end of
@@ -226,10 +244,8 @@ class Relay:
         provider = route.provider
         admission = provider.admission
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        priority = prompt_started_at_ms(
-            _header(headers, b"x-prompt-started-at"), time.time() * 1000
-        )
-        ex.conversation_id = _header(headers, b"x-conversation-id")
+        ex.conversation_id = conversation_from_headers(headers)
+        priority = await self._prompt_start(route, headers, body, ex)
         seq = admission.next_seq()
         loop = asyncio.get_running_loop()
         queued_s = 0.0
@@ -261,6 +277,58 @@ class Relay:
                 raise
             provider.observe_queue_wait(queued_s)
             return slot, response
+
+    async def _prompt_start(
+        self, route: Route[Provider], headers: list[tuple[bytes, bytes]], body: bytes, ex: Exchange
+    ) -> float:
+        """When the client's current prompt started (docs/design.md, "Task age"): the
+        header; else, where the provider has a limit and derivation is on, the agent's
+        own turn start or the first time sluice saw this prompt; else the arrival."""
+        now_ms = time.time() * 1000
+        header = _header(headers, b"x-prompt-started-at")
+        started, source = now_ms, "arrival"
+        policy = route.provider.config.policy
+        if header is not None:
+            started, source = prompt_started_at_ms(header, now_ms), "header"
+        elif policy.limit is not None and policy.derive_prompt_start:
+            agent = agent_started_at_ms(headers)
+            if agent is not None and agent >= MIN_EPOCH_MS:
+                started, source = min(agent, now_ms), "agent"
+            elif self.prompts is not None and (dialect := dialect_for(route.path)) is not None:
+                found = await self._derived(dialect, body, ex.conversation_id, now_ms)
+                if found is not None:
+                    started, source = min(found, now_ms), "derived"
+        ex.prompt_started_at = round(started)
+        ex.prompt_source = source
+        return started
+
+    async def _derived(
+        self, dialect: Dialect, body: bytes, conversation_id: str | None, now_ms: float
+    ) -> float | None:
+        """The first-seen time of the prompt `body` continues, or None if it names none."""
+        assert self.prompts is not None
+        derivation = derive(dialect, body, conversation_id)
+        if derivation.prompt_key is not None:
+            return await self.prompts.first_seen(derivation.prompt_key, now_ms)
+        if derivation.previous_response_id is not None:
+            return await self.prompts.known(response_key(derivation.previous_response_id), now_ms)
+        return None
+
+    def _response_id_catcher(
+        self, route: Route[Provider], ex: Exchange
+    ) -> Callable[[bytes], bool] | None:
+        """For a Responses answer with a known prompt time: a callable fed the body's
+        first chunks that records the response's id with that time (so a request that
+        continues it by `previous_response_id` inherits the time)."""
+        prompts = self.prompts
+        started = ex.prompt_started_at
+        if prompts is None or started is None or ex.status != 200:
+            return None
+        if dialect_for(route.path) != "responses":
+            return None
+        return ResponseIdCatcher(
+            lambda rid: prompts.remember(response_key(rid), started, time.time() * 1000)
+        )
 
     def _open(
         self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
@@ -297,10 +365,37 @@ async def _start_response(
     headers.append((b"x-sluice-provider", provider.id_bytes))
     if ex.queue_ms is not None:
         headers.append((b"x-sluice-queue-ms", str(ex.queue_ms).encode()))
+    if ex.prompt_source is not None:
+        headers.append((b"x-sluice-prompt-started-at", str(ex.prompt_started_at).encode()))
+        headers.append((b"x-sluice-prompt-source", ex.prompt_source.encode()))
     ex.status = response.status
     ex.started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     return length
+
+
+class ResponseIdCatcher:
+    """Finds a Responses answer's `id` in the first bytes of its body: the JSON
+    object's first `"id"` (`{"id": "resp_...", ...}`), or in a stream the one in the
+    first event (`response.created`). Gives up after `LIMIT` bytes."""
+
+    LIMIT = 16_384
+    _ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+
+    __slots__ = ("_found", "_head")
+
+    def __init__(self, found: Callable[[str], None]) -> None:
+        self._head = b""
+        self._found = found
+
+    def __call__(self, chunk: bytes) -> bool:
+        """Feed a chunk; True once done (found, or past the limit)."""
+        self._head += chunk[: self.LIMIT - len(self._head)]
+        match = self._ID.search(self._head)
+        if match is not None:
+            self._found(match.group(1).decode("latin-1"))
+            return True
+        return len(self._head) >= self.LIMIT
 
 
 def _str_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

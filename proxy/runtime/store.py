@@ -105,6 +105,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_provider ON events (provider_id, id);
     """,
+    # 2: first-seen times of prompts and relayed responses (digests only, SPEC 10).
+    """
+    CREATE TABLE prompt_times (
+        key           BLOB    PRIMARY KEY NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        used_at_ms    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX prompt_times_by_use ON prompt_times (used_at_ms);
+    """,
 )
 """Ordered schema steps; step ``i`` (0-based) takes the file to ``user_version = i + 1``.
 Append only: a released step is never edited."""
@@ -347,6 +356,41 @@ class Store:
                 (provider_id, limit),
             )
         return [Event(at_ms, pid, kind, detail) for at_ms, pid, kind, detail in rows]
+
+    async def load_prompt_times(
+        self, used_since_ms: int, limit: int
+    ) -> list[tuple[bytes, int, int]]:
+        """The newest `limit` prompt times used since `used_since_ms`, as (key,
+        started_at_ms, used_at_ms), least recently used first."""
+        rows = await self._read(
+            "load prompt times",
+            """
+            SELECT key, started_at_ms, used_at_ms FROM (
+                SELECT key, started_at_ms, used_at_ms FROM prompt_times
+                WHERE used_at_ms >= ? ORDER BY used_at_ms DESC LIMIT ?
+            ) ORDER BY used_at_ms
+            """,
+            (used_since_ms, limit),
+        )
+        return [(bytes(key), started, used) for key, started, used in rows]
+
+    async def save_prompt_times(
+        self, rows: Sequence[tuple[bytes, int, int]], forget_before_ms: int | None = None
+    ) -> None:
+        """Insert or refresh (key, started_at_ms, used_at_ms) rows in one transaction;
+        with `forget_before_ms`, also delete the rows last used before it."""
+        async with self._transaction("save prompt times") as conn:
+            await conn.executemany(
+                """
+                INSERT INTO prompt_times (key, started_at_ms, used_at_ms) VALUES (?, ?, ?)
+                ON CONFLICT (key) DO UPDATE SET used_at_ms = excluded.used_at_ms
+                """,
+                rows,
+            )
+            if forget_before_ms is not None:
+                await _run(
+                    conn, "DELETE FROM prompt_times WHERE used_at_ms < ?", (forget_before_ms,)
+                )
 
     # -- internals ---------------------------------------------------------------------
 

@@ -1207,7 +1207,7 @@ class SimApp:
         """Parse the request into a `_Plan` and whether to stream it."""
         try:
             request = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise _BadRequest(f"the body is not valid JSON: {exc}", "invalid_json") from exc
         if not isinstance(request, dict):
             raise _BadRequest("the body must be a JSON object", "invalid_json")
@@ -1672,7 +1672,7 @@ def _embeddings(body: bytes) -> dict[str, Any]:
     base64 float32 (`encoding_format`), `dimensions` long (default 16)."""
     try:
         request = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _BadRequest(f"the body is not valid JSON: {exc}", "invalid_json") from exc
     if not isinstance(request, dict):
         raise _BadRequest("the body must be a JSON object", "invalid_json")
