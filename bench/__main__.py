@@ -107,7 +107,11 @@ TARGETS = [
     TargetSpec("direct", "direct"),
     TargetSpec("naive", "naive Starlette+httpx"),
     TargetSpec("sluice", "sluice"),
-    TargetSpec("sluice_limited", "sluice, limited provider", frozenset({"latency", "rps"})),
+    TargetSpec(
+        "sluice_limited",
+        "sluice, limited provider",
+        frozenset({"latency", "rps", "latency_big"}),
+    ),
     TargetSpec("sluice_info", "sluice, access log on", frozenset({"latency", "rps"})),
     TargetSpec("nginx", "nginx, proxy_buffering off"),
 ]
@@ -178,6 +182,11 @@ class Runner:
         if "latency" in spec.phases:
             args = ["-n", str(p.latency_n), "--warmup", str(p.latency_warmup)]
             plan.append(("latency", "latency", args, 300.0))
+        if "latency_big" in spec.phases:
+            # Task age: the same agent conversation without and with the header.
+            args = ["-n", str(p.latency_n), "--warmup", str(p.latency_warmup), "--big"]
+            plan.append(("latency_big", "latency", args, 300.0))
+            plan.append(("latency_big_header", "latency", [*args, "--prompt-header"], 300.0))
         if "rps" in spec.phases:
             args = [
                 "--connections", str(p.rps_connections),

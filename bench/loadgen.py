@@ -170,16 +170,42 @@ class Client(asyncio.Protocol):
 # ------------------------------------------------------------------ requests
 
 
+def agent_history(messages: int = 200, kib: int = 100) -> list[dict[str, Any]]:
+    """A coding agent's conversation deep in a task: a system prompt, the person's
+    prompt, then rounds of assistant tool calls and tool results, `kib` KiB in all."""
+    history: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are a coding agent."},
+        {"role": "user", "content": "Fix the failing test in tests/test_app.py."},
+    ]
+    rounds = (messages - 2) // 2
+    output = "x" * max(1, (kib * 1024) // max(1, rounds) - 160)
+    for i in range(rounds):
+        call = {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "shell", "arguments": '{"cmd": "ls"}'},
+        }
+        history.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        history.append({"role": "tool", "tool_call_id": f"call_{i}", "content": output})
+    return history
+
+
 def chat_request(
-    host: str, port: int, *, stream: bool, chunks: int = 0, interval_ms: int = 0
+    host: str,
+    port: int,
+    *,
+    stream: bool,
+    chunks: int = 0,
+    interval_ms: int = 0,
+    big: bool = False,
+    prompt_header: bool = False,
 ) -> bytes:
-    """The bytes of one `POST /v1/chat/completions`."""
+    """The bytes of one `POST /v1/chat/completions`; `big`: a 200-message, 100 KiB agent
+    conversation; `prompt_header`: with `X-Prompt-Started-At` (task age then needs no
+    work)."""
+    messages = agent_history() if big else [{"role": "user", "content": "Say hello."}]
     body = json.dumps(
-        {
-            "model": "bench-1",
-            "messages": [{"role": "user", "content": "Say hello."}],
-            "stream": stream,
-        },
+        {"model": "bench-1", "messages": messages, "stream": stream},
         separators=(",", ":"),
     ).encode()
     lines = [
@@ -190,6 +216,8 @@ def chat_request(
         b"accept: text/event-stream" if stream else b"accept: application/json",
         b"content-length: %d" % len(body),
     ]
+    if prompt_header:
+        lines.append(b"x-prompt-started-at: %d" % (time.time_ns() // 1_000_000))
     if stream:
         lines.append(b"x-bench-chunks: %d" % chunks)
         lines.append(b"x-bench-interval-ms: %d" % interval_ms)
@@ -298,10 +326,17 @@ class Window:
 
 
 async def phase_latency(
-    host: str, port: int, n: int, warmup: int, pids: list[int]
+    host: str,
+    port: int,
+    n: int,
+    warmup: int,
+    pids: list[int],
+    *,
+    big: bool = False,
+    prompt_header: bool = False,
 ) -> dict[str, Any]:
     """n sequential non-streaming requests on one keep-alive connection."""
-    request = chat_request(host, port, stream=False)
+    request = chat_request(host, port, stream=False, big=big, prompt_header=prompt_header)
     client = await Client.connect(host, port)
     errors = 0
     for _ in range(warmup):
@@ -562,13 +597,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace", type=float, default=15.0, help="seconds (streams)")
     parser.add_argument("--rss-pid", type=int, help="process whose RSS per stream to report")
     parser.add_argument("--pids", default="", help="comma-separated pids whose CPU to report")
+    parser.add_argument(
+        "--big", action="store_true", help="latency: a 200-message, 100 KiB agent conversation"
+    )
+    parser.add_argument(
+        "--prompt-header", action="store_true", help="latency: send X-Prompt-Started-At"
+    )
     return parser
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     pids = [int(p) for p in args.pids.split(",") if p]
     if args.phase == "latency":
-        return await phase_latency(args.host, args.port, args.n, args.warmup, pids)
+        return await phase_latency(
+            args.host,
+            args.port,
+            args.n,
+            args.warmup,
+            pids,
+            big=args.big,
+            prompt_header=args.prompt_header,
+        )
     if args.phase == "rps":
         return await phase_rps(
             args.host, args.port, args.connections, args.duration, args.warmup_s, pids

@@ -136,7 +136,7 @@ def brief(key: str, result: dict[str, Any]) -> str:
     if "error" in result:
         return f"ERROR {result['error']}"
     note = f"  (re-run {result['attempts'] - 1}x)" if result.get("attempts", 1) > 1 else ""
-    if key == "latency":
+    if key.startswith("latency"):
         text = f"p50 {num(result['p50_ms'])} ms  p99 {num(result['p99_ms'])} ms"
     elif key == "rps":
         text = f"{num(result['rps'])} req/s  p50 {num(result['p50_ms'])} ms"
@@ -439,6 +439,22 @@ def checks(run: Run) -> list[Check]:
                 f"{num(rss)} KiB",
                 not math.isnan(rss) and rss <= 16,
                 f"{num(rss - 16)} KiB over",
+            )
+        )
+
+    derived = run.get("sluice_limited", "latency_big", "p50_ms")
+    given = run.get("sluice_limited", "latency_big_header", "p50_ms")
+    name = "task age: a header-less 100 KiB, 200-message body adds ≤ 0.3 ms p50"
+    if derived is None or given is None:
+        out.append(Check(name, "not measured", None))
+    else:
+        more = derived - given
+        out.append(
+            Check(
+                name,
+                f"{num(more)} ms more ({num(derived)} vs {num(given)} ms with the header)",
+                more <= 0.3,
+                f"{num(more - 0.3)} ms over",
             )
         )
 
