@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.process import ROOT, Process, free_port, python, start
 from bench.targets import (
     LOAD_CORE,
     PROXY_CORE,
@@ -37,6 +36,7 @@ from bench.targets import (
     wait_idle,
 )
 from bench.upstream import raise_fd_limit
+from proxy.tools.process import ROOT, Process, free_port, python, start
 
 FOREIGN_LIMIT_PCT = report.FOREIGN_LIMIT_PCT
 

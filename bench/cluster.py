@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.process import ROOT, Process, free_port, python, start
 from bench.targets import sluice_config
+from proxy.tools.process import ROOT, Process, free_port, python, start
 
 LIMIT = 10_000
 """High enough that no request ever waits: the figures are the admission's cost."""

@@ -30,9 +30,9 @@ from typing import Any
 import uvloop
 
 from bench.loadgen import phase_streams
-from bench.process import free_port, python, start
 from bench.targets import LOAD_CORE, PROXY_CORE, pin_self, placement, sluice_config
 from bench.upstream import raise_fd_limit
+from proxy.tools.process import free_port, python, start
 
 OWNERS = (("sluice", f"{os.sep}proxy{os.sep}"), ("uvicorn", f"{os.sep}uvicorn{os.sep}"))
 LOOP = "event loop (uvloop, asyncio)"

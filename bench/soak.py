@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/soak.py`
     sys.path.insert(0, str(ROOT))
 
-from bench import chaos  # noqa: E402
 from bench.loadgen import ProcWatch  # noqa: E402
-from bench.process import Process, free_port, python, start  # noqa: E402
+from proxy.tools import chaos  # noqa: E402
+from proxy.tools.process import Process, free_port, python, start  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import core_busy_s
-from bench.process import Process, free_port, python, start
+from proxy.tools.process import Process, free_port, python, start
 
 LOAD_CORE = 0
 PROXY_CORE = 1

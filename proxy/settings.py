@@ -1,6 +1,6 @@
 """Configuration: a TOML file plus `SLUICE_` environment overrides, validated once at start.
 
-Every key of SPEC section 2 is here and no other: unknown keys are errors, so a typo
+Every key the README documents is here and no other: unknown keys are errors, so a typo
 never silently falls back to a default. `load()` turns any problem into one
 `ConfigError` line that names the key.
 """

@@ -1,6 +1,6 @@
 """Start sluice processes (proxy or sim) on free loopback ports for end-to-end tests.
 
-The benchmarks start theirs the same way: `bench/process.py` does the work."""
+The benchmarks start theirs the same way: `proxy/tools/process.py` does the work."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import process
-from bench.process import Process as Server
-from bench.process import free_port
+from proxy.tools import process
+from proxy.tools.process import Process as Server
+from proxy.tools.process import free_port
 
 __all__ = ["Server", "free_port", "running", "start"]
 

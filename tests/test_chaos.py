@@ -27,8 +27,8 @@ import time
 import httpx
 import pytest
 
-from bench import chaos
-from bench.chaos import FAULT_RATES, STATUSES, Tally, chat, idle, unhandled
+from proxy.tools import chaos
+from proxy.tools.chaos import FAULT_RATES, STATUSES, Tally, chat, idle, unhandled
 from tests.conftest import ProxyFactory
 from tests.servers import Server, free_port, running
 from tests.waiting import eventually

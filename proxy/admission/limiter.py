@@ -1,5 +1,5 @@
 """One provider's slot limiter: fast path, priority queue, cooldown, pause, usage gate,
-watchdog and the adaptive limit (SPEC section 5).
+watchdog and the adaptive limit (docs/design.md, "The admission core").
 
 Everything that decides who goes next lives here and nowhere else. The limiter
 never reads the wall clock, never sleeps and never touches the network: time comes

@@ -39,7 +39,7 @@ class AdminError(Exception):
 
 
 def status_json(status: LimiterStatus, cluster: ClusterView | None = None) -> dict[str, Any]:
-    """A `Status` object of SPEC section 6 (camelCase; optional keys only when they apply).
+    """A `Status` object of the README's admin API (camelCase; optional keys only when they apply).
 
     In cluster mode the figures are cluster-wide, plus `cluster` (this replica's mode)
     and `instances` (the per-replica breakdown)."""

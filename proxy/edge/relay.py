@@ -1,5 +1,5 @@
 """The pass-through: forward a client's request to its provider and stream the answer
-back as it arrives (SPEC sections 4 and 5).
+back as it arrives (docs/design.md, "A request's path").
 
 A pure ASGI handler, not Starlette middleware: `BaseHTTPMiddleware` would hide the
 client's disconnect, and the hot path should do no work it does not need.

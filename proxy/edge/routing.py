@@ -1,4 +1,4 @@
-"""Which provider a request is for, and the path to forward (SPEC section 3).
+"""Which provider a request is for, and the path to forward (README, "Routing").
 
 `/v1/{path}` goes to the default provider, `/{provider_id}/v1/{path}` to that
 provider. Routing works on the raw (still percent-encoded) path split at its

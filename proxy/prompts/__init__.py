@@ -1,5 +1,5 @@
-"""Task age without a header (SPEC 10): naming the current prompt from the request
-body and remembering when each prompt was first seen.
+"""Task age without a header (docs/design.md, "Task age"): naming the current prompt
+from the request body and remembering when each prompt was first seen.
 
 Pure: no I/O, no asyncio, no clock; times arrive as arguments. The relay parses
 nothing itself: it calls `derive` (or the header helpers) and asks the memory.

@@ -1,4 +1,4 @@
-"""Naming the client's current prompt from the request body (SPEC 10).
+"""Naming the client's current prompt from the request body (docs/design.md, "Task age").
 
 A coding agent resends its whole conversation on every model call: the person's
 prompt, then the assistant's tool calls and the tool results, round after round.
@@ -10,7 +10,7 @@ so every tool round and every retry of one task gets the same key, and the next
 thing the person types gets a new one. The relay looks the key up in a
 `PromptMemory` to learn when that prompt was first seen.
 
-What counts as a prompt turn (SPEC 10, and what real agents send):
+What counts as a prompt turn (the contract, and what real agents send):
 
 - A message with role `user` (Chat, Messages, Responses items of type
   `message` or with a role and no type). Not `tool` / `function` messages, not
@@ -361,7 +361,7 @@ def _id_bytes(conversation_id: str | None) -> bytes:
 # --- headers ----------------------------------------------------------------------
 
 _CONVERSATION_HEADERS = (
-    b"x-conversation-id",  # ours (SPEC 5)
+    b"x-conversation-id",  # ours
     b"session-id",  # Codex CLI (codex-rs/codex-api/src/requests/headers.rs)
     b"session_id",  # Codex CLI before it switched to `session-id`; pi
     b"x-session-id",  # opencode 1.17+

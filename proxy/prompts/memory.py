@@ -1,4 +1,4 @@
-"""When each prompt was first seen, by digest (SPEC 10, "Memory").
+"""When each prompt was first seen, by digest (docs/design.md, "Task age").
 
 An `OrderedDict` kept in order of last use: a hit moves the entry to the new end,
 so the old end holds the entry unused the longest. That one order serves both

@@ -1,9 +1,9 @@
 """The durable store: per-provider overrides and the events journal, in one SQLite file.
 
-What is stored (SPEC §7): per provider, the limit set through the admin API or by a
-429 reduction (or its removal), the auto-reduce state, and the cooldown set through
-the admin API, each with the config file's value at the time it was written (its
-*basis*), so that on start the caller can tell whether the operator changed the
+What is stored (docs/design.md, "Durability"): per provider, the limit set through
+the admin API or by a 429 reduction (or its removal), the auto-reduce state, and the
+cooldown set through the admin API, each with the config file's value at the time it
+was written (its *basis*), so that on start the caller can tell whether the operator changed the
 config file since. Plus a journal of events for ``GET /concurrency/events``. The
 store never receives provider keys or the admin token and has no API that could
 take one.
@@ -105,7 +105,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_provider ON events (provider_id, id);
     """,
-    # 2: first-seen times of prompts and relayed responses (digests only, SPEC 10).
+    # 2: first-seen times of prompts and relayed responses (digests only; "Task age").
     """
     CREATE TABLE prompt_times (
         key           BLOB    PRIMARY KEY NOT NULL,
@@ -169,7 +169,8 @@ class Event:
 
 
 class Store:
-    """The SQLite file behind SPEC §7. Create with `await Store.open(path)`; close once done."""
+    """The SQLite file (docs/design.md, "Durability"). Create with `await Store.open(path)`;
+    close once done."""
 
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
         """Use `Store.open`; this only wraps an already migrated connection."""
