@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.settings import NOT_CONFIG_VARIABLES, load
 from tests.conftest import ProxyFactory
 from tests.test_settings import clean_environ
 
@@ -55,3 +59,168 @@ def test_the_startup_line_says_unlimited(make_proxy: ProxyFactory) -> None:
     log = make_proxy('[[providers]]\nid = "open"\nbase_url = "http://127.0.0.1:9/v1"\n').log()
     assert "limit=unlimited (config)" in log
     assert "limit=None" not in log
+
+
+# ------------------------------------------- 1. environment and file errors
+
+
+def test_the_status_variables_are_not_config_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICE_URL", "http://127.0.0.1:9999")
+    monkeypatch.setenv("SLUICE_ADMIN_TOKEN", "t")
+    path = tmp_path / "sluice.toml"
+    path.write_text(PROVIDER)
+    assert load(path).providers[0].id == "umans"
+    assert {"SLUICE_URL", "SLUICE_ADMIN_TOKEN", "SLUICE_CONFIG"} == NOT_CONFIG_VARIABLES
+
+
+def test_serve_starts_with_the_status_variables_set_and_warns_about_the_token(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = make_proxy(
+        '[[providers]]\nid = "open"\nbase_url = "http://127.0.0.1:9/v1"\n',
+        env={"SLUICE_URL": "http://127.0.0.1:1", "SLUICE_ADMIN_TOKEN": "for-status-only"},
+    )
+    log = proxy.log()
+    assert "SLUICE_ADMIN_TOKEN is read by `sluice status` only" in log
+    assert "for-status-only" not in log
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        pytest.param(
+            {"SLUICE_LOG_LEVEL": "info"},
+            "config error: SLUICE_LOG_LEVEL (log_level): unknown key; "
+            "did you mean SLUICE_SERVER__LOG_LEVEL?",
+            id="key-of-a-section-at-the-top",
+        ),
+        pytest.param(
+            {"SLUICE_ADMISION__COOLDOWN_MS": "1"},
+            "config error: SLUICE_ADMISION__COOLDOWN_MS (admision): unknown key; "
+            "did you mean SLUICE_ADMISSION__COOLDOWN_MS?",
+            id="misspelt-section",
+        ),
+        pytest.param(
+            {"sluice_server__prot": "1"},
+            "config error: sluice_server__prot (server.prot): unknown key; "
+            "did you mean SLUICE_SERVER__PORT?",
+            id="named-as-written",
+        ),
+        pytest.param(
+            {"SLUICE_PROVIDERS__0__LIMT": "3"},
+            "config error: SLUICE_PROVIDERS__0__LIMT (providers[0].limt): unknown key; "
+            "did you mean SLUICE_PROVIDERS__0__LIMIT?",
+            id="misspelt-provider-key",
+        ),
+        pytest.param(
+            {"SLUICE_PROVIDERS__0__CONNECT_TIMEOUT_S": "-1"},
+            "config error: SLUICE_PROVIDERS__0__CONNECT_TIMEOUT_S "
+            "(providers[0].connect_timeout_s): Input should be greater than 0",
+            id="bad-value",
+        ),
+        pytest.param(
+            {"SLUICE_NOTHING_LIKE_IT": "1"},
+            "config error: SLUICE_NOTHING_LIKE_IT (nothing_like_it): unknown key",
+            id="no-suggestion",
+        ),
+    ],
+)
+def test_serve_names_the_variable_with_a_suggestion(
+    tmp_path: Path, env: dict[str, str], line: str
+) -> None:
+    assert the_one_line(serve(tmp_path, "--config", config_file(tmp_path, PROVIDER), env=env)) == (
+        line
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param(
+            PROVIDER + "limt = 3\n",
+            "config error: providers[0].limt: unknown key; did you mean providers[0].limit?",
+            id="limt",
+        ),
+        pytest.param(
+            "[admision]\ncooldown_ms = 1\n" + PROVIDER,
+            "config error: admision: unknown key; did you mean admission?",
+            id="admision",
+        ),
+        pytest.param(
+            'log_level = "info"\n' + PROVIDER,
+            "config error: log_level: unknown key; did you mean server.log_level?",
+            id="server-key-at-the-top",
+        ),
+        pytest.param(
+            "[server]\ncooldown_ms = 1\n" + PROVIDER,
+            "config error: server.cooldown_ms: unknown key; did you mean admission.cooldown_ms?",
+            id="admission-key-in-server",
+        ),
+        pytest.param(
+            '[[providers]]\nid = "umans"\nbaseurl = "https://api.umans.ai/v1"\n',
+            "config error: providers[0].baseurl: unknown key; did you mean providers[0].base_url?",
+            id="unknown-before-missing",
+        ),
+    ],
+)
+def test_serve_suggests_the_key_a_misspelt_one_meant(tmp_path: Path, text: str, line: str) -> None:
+    assert the_one_line(serve(tmp_path, "--config", config_file(tmp_path, text))) == line
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param(
+            {"SLUICE_PROVIDERS": '[{"id": "a", "base_url": "http://x/v1", "limt": 1}]'},
+            "config error: SLUICE_PROVIDERS (providers[0].limt): unknown key; "
+            "did you mean providers[0].limit?",
+            id="inside-a-json-value",
+        ),
+        pytest.param(
+            {"SLUICE_LIMIT": "3"},
+            "config error: SLUICE_LIMIT (limit): unknown key; "
+            "did you mean SLUICE_PROVIDERS__0__LIMIT?",
+            id="provider-key-at-the-top",
+        ),
+        pytest.param(
+            {"SLUICE_PROVIDERS__0__ID": "a"},
+            "config error: providers[0].base_url: Field required "
+            "(set SLUICE_PROVIDERS__0__BASE_URL)",
+            id="entry-made-of-variables",
+        ),
+        pytest.param(
+            {"SLUICE_PROVIDERS__0__ID": "a", "SLUICE_PROVIDERS__0__BASE_URL": "ftp://x/v1"},
+            "config error: SLUICE_PROVIDERS__0__BASE_URL (providers[0].base_url): "
+            "'ftp://x/v1' is not an http(s) URL",
+            id="model-validator",
+        ),
+        pytest.param(
+            {"SLUICE_PROVDERS__0__ID": "a"},
+            "config error: SLUICE_PROVDERS__0__ID (provders): unknown key; "
+            "did you mean SLUICE_PROVIDERS__0__ID?",
+            id="no-file-and-a-misspelt-variable",
+        ),
+    ],
+)
+def test_environment_errors_without_a_file(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load(None)
+    assert str(caught.value) == message
+
+
+def test_status_token_falls_back_to_the_proxys_own_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.cli.main import build_parser
+
+    monkeypatch.delenv("SLUICE_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("SLUICE_SERVER__ADMIN_TOKEN", "server-token")
+    assert build_parser().parse_args(["status"]).token == "server-token"
+    monkeypatch.setenv("SLUICE_ADMIN_TOKEN", "status-token")
+    assert build_parser().parse_args(["status"]).token == "status-token"

@@ -16,6 +16,7 @@ import sys
 import threading
 from typing import Any
 
+import structlog
 import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
@@ -25,6 +26,8 @@ from proxy.edge import logs
 from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
 from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
+
+log = structlog.get_logger("sluice")
 
 
 class _QuietAbort(logging.Filter):
@@ -55,6 +58,7 @@ def run(
         return 2
     server = settings.server
     _configure_logging(settings)
+    _warn_about_status_variables(settings)
     if workers > 1:
         return serve_workers(settings, config, workers)
     return serve(
@@ -64,6 +68,17 @@ def run(
             )
         )
     )
+
+
+def _warn_about_status_variables(settings: Settings) -> None:
+    """`SLUICE_ADMIN_TOKEN` is what `sluice status` sends, not the proxy's own token:
+    say so when it is set and the proxy has none, rather than run open unnoticed."""
+    if os.environ.get("SLUICE_ADMIN_TOKEN") and not settings.server.admin_token:
+        log.warning(
+            "SLUICE_ADMIN_TOKEN is read by `sluice status` only; the proxy's admin token "
+            "is server.admin_token (SLUICE_SERVER__ADMIN_TOKEN), which is empty: the "
+            "admin routes are open"
+        )
 
 
 def _uvicorn_options(server: ServerSettings) -> dict[str, Any]:

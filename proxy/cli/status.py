@@ -13,6 +13,9 @@ COLUMNS = ("provider", "limit", "inFlight", "queued", "paused", "cooldownMs", "a
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # SLUICE_URL and SLUICE_ADMIN_TOKEN are not config keys; `sluice serve` knows to
+    # leave them alone (proxy.settings.NOT_CONFIG_VARIABLES). Where the proxy's own
+    # token is in the environment (in its container, say), that one works too.
     parser.add_argument(
         "--url",
         default=os.environ.get("SLUICE_URL", "http://127.0.0.1:8080"),
@@ -20,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token",
-        default=os.environ.get("SLUICE_ADMIN_TOKEN", ""),
-        help="the admin token, if the proxy has one (default: $SLUICE_ADMIN_TOKEN)",
+        default=os.environ.get("SLUICE_ADMIN_TOKEN")
+        or os.environ.get("SLUICE_SERVER__ADMIN_TOKEN", ""),
+        help="the admin token, if the proxy has one "
+        "(default: $SLUICE_ADMIN_TOKEN, else $SLUICE_SERVER__ADMIN_TOKEN)",
     )
 
 
