@@ -5,6 +5,7 @@ they show, and `make demo` without the dev toolchain."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,37 @@ def test_environment_errors_without_a_file(
     with pytest.raises(ConfigError) as caught:
         load(None)
     assert str(caught.value) == message
+
+
+# ----------------------------------------------------------- 2. startup errors
+
+
+def test_serve_without_any_config_says_where_it_looked(tmp_path: Path) -> None:
+    assert the_one_line(serve(tmp_path)) == (
+        f"config error: no config file found (no --config, no $SLUICE_CONFIG, no sluice.toml "
+        f"in {tmp_path}): pass --config PATH, set $SLUICE_CONFIG, or create ./sluice.toml "
+        "(examples/sim.toml runs against `sluice sim`; config.example.toml documents every key)"
+    )
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_anything_is_logged(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = f'[server]\nport = {port}\ndatabase = "{tmp_path / "s.db"}"\n' + PROVIDER
+        line = the_one_line(serve(tmp_path, "--config", config_file(tmp_path, text)))
+    assert line == (
+        f"sluice serve: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(another process listens there: stop it, or choose a port with --port)"
+    )
+    assert not (tmp_path / "s.db").exists()  # nothing was built
+
+
+def test_serve_still_says_where_it_listens(make_proxy: ProxyFactory) -> None:
+    # uvicorn logs the address only for a socket it binds itself; sluice binds its own.
+    proxy = make_proxy('[[providers]]\nid = "open"\nbase_url = "http://127.0.0.1:9/v1"\n')
+    assert f"Uvicorn running on http://127.0.0.1:{proxy.port}" in proxy.log()
 
 
 def test_status_token_falls_back_to_the_proxys_own_variable(
