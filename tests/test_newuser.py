@@ -5,16 +5,22 @@ they show, and `make demo` without the dev toolchain."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from starlette.testclient import TestClient
 
+from proxy.cli import status as status_cli
+from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
-from proxy.settings import NOT_CONFIG_VARIABLES, load
-from tests.conftest import ProxyFactory
+from proxy.settings import NOT_CONFIG_VARIABLES, Settings, load
+from tests.conftest import ProxyFactory, chat, sim_running
 from tests.test_settings import clean_environ
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,6 +252,69 @@ def test_serve_still_says_where_it_listens(make_proxy: ProxyFactory) -> None:
     assert f"Uvicorn running on http://127.0.0.1:{proxy.port}" in proxy.log()
 
 
+# ------------------------------------------------------ 6. admin error shape
+
+
+@pytest.fixture
+def admin_app(tmp_path: Path) -> Any:
+    settings = Settings.model_validate(
+        {
+            "server": {"database": str(tmp_path / "s.db")},
+            "providers": [{"id": "a", "base_url": "http://127.0.0.1:9/v1", "limit": 2}],
+        }
+    )
+    with TestClient(Sluice(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "error"),
+    [
+        ("GET", "/concurrency/nope", 404, "no route /concurrency/nope"),
+        ("GET", "/concurrency/limits/a/extra", 404, "no route /concurrency/limits/a/extra"),
+        ("GET", "/concurrency/status/zz", 404, "unknown provider 'zz'"),
+        (
+            "POST",
+            "/concurrency/limits/a",
+            405,
+            "method POST not allowed on /concurrency/limits/a (allowed: DELETE, GET, HEAD, PUT)",
+        ),
+        (
+            "DELETE",
+            "/concurrency/status",
+            405,
+            "method DELETE not allowed on /concurrency/status (allowed: GET, HEAD)",
+        ),
+    ],
+)
+def test_every_admin_error_is_json_in_one_shape(
+    admin_app: TestClient, method: str, path: str, status: int, error: str
+) -> None:
+    response = admin_app.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": error}
+    if status == 405:
+        assert response.headers["allow"] == error.split("(allowed: ")[1].rstrip(")")
+
+
+def test_status_shows_the_seconds_left_of_a_pause() -> None:
+    row = {
+        "providerId": "umans",
+        "limit": 3,
+        "inFlight": 3,
+        "queued": 7,
+        "paused": True,
+        "pausedUntil": 1_000_000 + 11_200,
+        "cooldownMs": 350,
+        "autoReduced": False,
+    }
+    lines = status_cli.render([row], now_ms=1_000_000).splitlines()
+    assert lines[1].split() == ["umans", "3", "3", "7", "yes", "(12s", "left)", "350", "no"]
+    over = status_cli.render([row], now_ms=1_000_000 + 20_000).splitlines()
+    assert "yes (0s left)" in over[1]
+
+
 def test_status_token_falls_back_to_the_proxys_own_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -256,3 +325,23 @@ def test_status_token_falls_back_to_the_proxys_own_variable(
     assert build_parser().parse_args(["status"]).token == "server-token"
     monkeypatch.setenv("SLUICE_ADMIN_TOKEN", "status-token")
     assert build_parser().parse_args(["status"]).token == "status-token"
+
+
+def test_status_command_against_a_paused_proxy(make_proxy: ProxyFactory) -> None:
+    with sim_running("--hard-cap", "0", "--retry-after-s", "30") as sim:
+        proxy = make_proxy(
+            f'[[providers]]\nid = "sim"\nbase_url = "{sim.url}/v1"\nlimit = 2\n',
+            admission="retry_on_429 = 0",
+        )
+        assert httpx.post(proxy.url + "/v1/chat/completions", json=chat()).status_code == 429
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "status", "--url", proxy.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=clean_environ({}),
+        )
+    assert result.returncode == 0, result.stderr
+    seconds = int(re.search(r"yes \((\d+)s left\)", result.stdout)[1])  # type: ignore[index]
+    assert 25 <= seconds <= 30

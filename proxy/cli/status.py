@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import httpx
@@ -30,12 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def render(providers: list[dict[str, Any]]) -> str:
-    """A fixed-width table, then one line per provider with a notice."""
+def render(providers: list[dict[str, Any]], now_ms: float | None = None) -> str:
+    """A fixed-width table, then one line per provider with a notice. A pause shows
+    the seconds it has left (`now_ms`: epoch ms, default now)."""
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
     rows = [COLUMNS]
     for p in providers:
         limit = "none" if p["limit"] is None else str(p["limit"])
         paused = "yes" if p["paused"] else "no"
+        if p["paused"] and p.get("pausedUntil") is not None:
+            paused = f"yes ({max(0, math.ceil((p['pausedUntil'] - now_ms) / 1000))}s left)"
         rows.append(
             (
                 p["providerId"],
