@@ -6,6 +6,7 @@ they show, and `make demo` without the dev toolchain."""
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from proxy.cli import status as status_cli
 from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
 from proxy.settings import NOT_CONFIG_VARIABLES, Settings, load
+from proxy.tools import demo
 from tests.conftest import ProxyFactory, chat, sim_running
 from tests.test_settings import clean_environ
 
@@ -345,3 +347,37 @@ def test_status_command_against_a_paused_proxy(make_proxy: ProxyFactory) -> None
     assert result.returncode == 0, result.stderr
     seconds = int(re.search(r"yes \((\d+)s left\)", result.stdout)[1])  # type: ignore[index]
     assert 25 <= seconds <= 30
+
+
+# -------------------------------------------------------------- 7. make demo
+
+
+def test_demo_table_shows_running_and_cooling(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    out = io.StringIO()
+    plan = demo.DemoPlan(agents=4, requests_per_agent=1, tokens=4, token_delay_ms=5)
+    assert demo.main(plan, out) == 0
+    text = out.getvalue()
+    assert demo.WATCH_LEGEND in text
+    header = " ".join(f"{name:>8}" for name in demo.WATCH_COLUMNS)
+    rows = text.split(header + "\n", 1)[1].split("\n\nsummary", 1)[0].splitlines()
+    for row in (r.split() for r in rows if re.match(r"^ *\d+\.\d ", r)):
+        in_flight, running, cooling = (int(cell) for cell in row[1:4])
+        assert in_flight == running + cooling, row
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_installs_the_runtime_only_and_test_the_dev_extra() -> None:
+    def commands(target: str) -> str:
+        result = subprocess.run(
+            ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        return result.stdout
+
+    demo_steps = commands("demo")
+    assert "pip install --quiet -e .\n" in demo_steps
+    assert ".[dev]" not in demo_steps
+    assert "touch .venv/.installed\n" in demo_steps
+    for target in ("test", "lint"):
+        assert "pip install --quiet -e '.[dev]'" in commands(target)
