@@ -15,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from starlette.testclient import TestClient
 
 from proxy.cli import status as status_cli
 from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
-from proxy.settings import NOT_CONFIG_VARIABLES, Settings, load
+from proxy.settings import NOT_CONFIG_VARIABLES, ProviderSettings, Settings, load
 from proxy.tools import demo
 from tests.conftest import ProxyFactory, chat, sim_running
 from tests.test_settings import clean_environ
@@ -252,6 +253,140 @@ def test_serve_still_says_where_it_listens(make_proxy: ProxyFactory) -> None:
     # uvicorn logs the address only for a socket it binds itself; sluice binds its own.
     proxy = make_proxy('[[providers]]\nid = "open"\nbase_url = "http://127.0.0.1:9/v1"\n')
     assert f"Uvicorn running on http://127.0.0.1:{proxy.port}" in proxy.log()
+
+
+# ---------------------------------------------------------------- 4. compose
+
+COMPOSE = ROOT / "compose.yaml"
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
+
+
+def active(services: dict[str, Any], profiles: set[str]) -> set[str]:
+    """The services `docker compose --profile ...` starts: no profiles, or a chosen one."""
+    return {
+        name
+        for name, service in services.items()
+        if not service.get("profiles") or profiles & set(service["profiles"])
+    }
+
+
+@pytest.mark.parametrize(
+    ("profiles", "expected"),
+    [
+        pytest.param(set(), {"sluice"}, id="plain-up"),
+        pytest.param({"sim"}, {"sluice", "sim", "agent"}, id="sim-profile"),
+    ],
+)
+def test_compose_profiles_start_what_they_say(profiles: set[str], expected: set[str]) -> None:
+    services = compose()["services"]
+    started = active(services, profiles)
+    assert started == expected
+    # What compose >= 2.20 checks: a dependency outside the chosen profiles must be
+    # optional (`required: false`), else `up` refuses to start.
+    for name in started:
+        for target, how in services[name].get("depends_on", {}).items():
+            assert target in started or how.get("required") is False, (name, target)
+            assert how["condition"] == "service_healthy"
+            assert "healthcheck" in services[target] or target == "sluice"  # Dockerfile's
+
+
+def test_compose_sluice_waits_for_a_healthy_sim_and_the_agent_needs_the_sim() -> None:
+    services = compose()["services"]
+    assert services["sluice"]["depends_on"]["sim"] == {
+        "condition": "service_healthy",
+        "required": False,
+    }
+    assert services["agent"]["profiles"] == ["sim"]
+    assert "profiles" not in services["sluice"]
+
+
+def test_compose_defaults_agree_with_the_readme_and_the_config_defaults() -> None:
+    environment = compose()["services"]["sluice"]["environment"]
+    defaults = {}
+    for value in environment.values():
+        for name, default in INTERPOLATION.findall(str(value)):
+            defaults[name] = default
+    assert defaults["PROVIDER_USAGE_GATE"] == "false"
+    assert ProviderSettings.model_fields["usage_gate"].default is False
+    assert "`usage_gate` defaults to `false`" in (ROOT / "README.md").read_text()
+    assert defaults["PROVIDER_BASE_URL"] == "http://sim:8081/v1"
+    # Every variable the README's and compose.yaml's .env examples name is one that
+    # compose.yaml reads.
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("run `docker compose up -d`:", 1)[1].split("```sh", 1)[1]
+    named = set(re.findall(r"^(\w+)=", example.split("```", 1)[0], re.M))
+    named |= set(re.findall(r"^#   (\w+)=", COMPOSE.read_text(), re.M))
+    assert named == set(defaults)
+
+
+def test_dotenv_is_ignored_by_git() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def compose_v2() -> list[str] | None:
+    """A `docker compose` (the plugin) or `docker-compose` new enough for
+    `depends_on.required` (2.20), or None."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        probe = subprocess.run(
+            [*command, "version", "--short"], capture_output=True, text=True, check=False
+        )
+        found = re.match(r"v?(\d+)\.(\d+)", probe.stdout.strip())
+        if probe.returncode == 0 and found and (int(found[1]), int(found[2])) >= (2, 20):
+            return command
+    return None
+
+
+@pytest.mark.parametrize("profiles", [[], ["--profile", "sim"]], ids=["plain-up", "sim-profile"])
+def test_docker_compose_config_accepts_both_profiles(tmp_path: Path, profiles: list[str]) -> None:
+    command = compose_v2()
+    if command is None:
+        pytest.skip(
+            "no docker compose >= 2.20 (depends_on.required); Debian 12's docker-compose "
+            "1.29.2 rejects that key"
+        )
+    result = subprocess.run(
+        [*command, "-f", str(COMPOSE), *profiles, "config", "--format", "json"],
+        cwd=tmp_path,  # no .env here: the defaults apply
+        capture_output=True,
+        text=True,
+        check=False,
+        env=clean_environ({}),
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == ({"sluice", "sim", "agent"} if profiles else {"sluice"})
+
+
+def test_docker_compose_v1_accepts_the_file_but_for_depends_on_required(tmp_path: Path) -> None:
+    """Where only Debian 12's docker-compose 1.29 exists: its schema and interpolation
+    check of everything but the one key it predates."""
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose not installed (Debian: apt-get install docker-compose)")
+    if compose_v2() == ["docker-compose"]:
+        pytest.skip("docker-compose is v2: test_docker_compose_config_accepts_both_profiles")
+    text, removed = re.subn(r"\n *required: false *\n", "\n", COMPOSE.read_text())
+    assert removed == 1
+    (tmp_path / "compose.yaml").write_text(text)
+    shutil.copy(ROOT / "Dockerfile", tmp_path)
+    result = subprocess.run(
+        ["docker-compose", "-f", "compose.yaml", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=clean_environ({}),
+    )
+    assert result.returncode == 0, result.stderr
+    sluice = yaml.safe_load(result.stdout)["services"]["sluice"]
+    assert sluice["environment"]["SLUICE_PROVIDERS__0__USAGE_GATE"] == "false"
+    assert sluice["environment"]["SLUICE_PROVIDERS__0__BASE_URL"] == "http://sim:8081/v1"
 
 
 # ------------------------------------------------------ 6. admin error shape
