@@ -24,6 +24,7 @@ from proxy.errors import ConfigError
 from proxy.settings import NOT_CONFIG_VARIABLES, ProviderSettings, Settings, load
 from proxy.tools import demo
 from tests.conftest import ProxyFactory, chat, sim_running
+from tests.servers import free_port, start
 from tests.test_settings import clean_environ
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +254,53 @@ def test_serve_still_says_where_it_listens(make_proxy: ProxyFactory) -> None:
     # uvicorn logs the address only for a socket it binds itself; sluice binds its own.
     proxy = make_proxy('[[providers]]\nid = "open"\nbase_url = "http://127.0.0.1:9/v1"\n')
     assert f"Uvicorn running on http://127.0.0.1:{proxy.port}" in proxy.log()
+
+
+# --------------------------------------------------- 3. the five-minute guide
+
+
+def test_examples_sim_toml_points_at_sluice_sim_on_8081_with_a_small_limit() -> None:
+    settings = load(ROOT / "examples" / "sim.toml")
+    (provider,) = settings.providers
+    assert provider.base_url == "http://127.0.0.1:8081/v1"
+    assert provider.limit in (1, 2, 3, 4)
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+
+
+def test_the_readme_guide_names_every_step() -> None:
+    readme = (ROOT / "README.md").read_text()
+    guide = readme.split("### As a process, in five minutes", 1)[1].split("\n### ", 1)[0]
+    for step in (
+        ".venv/bin/sluice sim --port 8081",
+        ".venv/bin/sluice serve --config examples/sim.toml",
+        "curl -N http://127.0.0.1:8080/v1/chat/completions",
+        "export OPENAI_API_KEY=",
+        "runs in the foreground",
+    ):
+        assert step in guide, step
+
+
+def test_the_guide_works_with_examples_sim_toml_and_the_openai_sdk(tmp_path: Path) -> None:
+    """The guide's two servers and its SDK call; only the ports differ (free ones)."""
+    from openai import OpenAI
+
+    with sim_running() as sim:
+        port = free_port()
+        env = {
+            "SLUICE_PROVIDERS__0__BASE_URL": f"{sim.url}/v1",
+            "SLUICE_SERVER__PORT": str(port),
+            "SLUICE_SERVER__DATABASE": str(tmp_path / "sim.db"),
+        }
+        proxy = start(["serve", "--config", "examples/sim.toml"], port, env=env)
+        try:
+            client = OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+            answer = client.chat.completions.create(
+                model="sim-1", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert answer.choices[0].message.content
+            assert "limit=2 (config)" in proxy.log()
+        finally:
+            proxy.stop()
 
 
 # ---------------------------------------------------------------- 4. compose
