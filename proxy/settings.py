@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -29,6 +30,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.admission import Policy
@@ -199,20 +201,41 @@ class Settings(BaseSettings):
         return self
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+# Variables with the `SLUICE_` prefix that are not config keys: the config file's
+# path, and the two that `sluice status` reads (the proxy's address, the admin
+# token it sends). `sluice serve` ignores them rather than calling them unknown.
+NOT_CONFIG_VARIABLES = frozenset({"SLUICE_CONFIG", "SLUICE_URL", "SLUICE_ADMIN_TOKEN"})
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class _EnvVar:
+    """A `SLUICE_*` variable as written, and the place in the config data it set."""
+
+    name: str
+    loc: Loc
+
+
+def _apply_env(
+    data: dict[str, Any], environ: Mapping[str, str], origins: list[_EnvVar] | None = None
+) -> dict[str, Any]:
     """Overlay `SLUICE_SECTION__KEY=value` variables onto the TOML data.
 
     Done here rather than by pydantic-settings' env source for two reasons: an
     unknown `SLUICE_*` name must be an error like an unknown TOML key (a typo
     such as `SLUICE_ADMISION__COOLDOWN_MS` must not be ignored), and a list
     entry must be addressable by index (`SLUICE_PROVIDERS__0__LIMIT=3`).
+    Each variable applied is appended to `origins`, so that an error can name it.
     """
     merged = copy.deepcopy(data)
     for name in sorted(environ):
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper == "SLUICE_CONFIG":
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_CONFIG_VARIABLES:
             continue
         path = upper[len(ENV_PREFIX) :].lower().split("__")
+        if origins is not None:
+            origins.append(_EnvVar(name, tuple(int(p) if p.isdigit() else p for p in path)))
         target: Any = merged
         for depth, part in enumerate(path):
             last = depth == len(path) - 1
@@ -334,29 +357,134 @@ def load(path: Path | None) -> Settings:
             raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config error: {path}: not UTF-8 text") from None
+    origins: list[_EnvVar] = []
+    merged = _apply_env(data, os.environ, origins)
     try:
-        return Settings(**_apply_env(data, os.environ))
+        return Settings(**merged)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+        # An unknown key first: a misspelt name often explains a "missing" one too.
+        errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+        if path is None and not merged.get("providers"):
+            # No file and no provider from the environment: that a provider is
+            # missing says less than that the file is. Other mistakes come first.
+            errors = [err for err in errors if err["loc"] != ("providers",)]
+            if not errors:
+                raise ConfigError(_no_config_file()) from None
+        raise ConfigError(_one_line(errors[0], origins)) from None
 
 
-def _one_line(exc: ValidationError) -> str:
-    """The first validation error as `config error: <key>: <what is wrong>`, on one
-    line even when a quoted TOML key holds a newline."""
-    return _describe(exc).replace("\r", "\\r").replace("\n", "\\n")
+def _no_config_file() -> str:
+    return (
+        "config error: no config file found (no --config, no $SLUICE_CONFIG, "
+        f"no sluice.toml in {Path.cwd()}): pass --config PATH, set $SLUICE_CONFIG, "
+        "or create ./sluice.toml (examples/sim.toml runs against `sluice sim`; "
+        "config.example.toml documents every key)"
+    )
 
 
-def _describe(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    key = ""
-    for part in err["loc"]:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+def _one_line(err: ErrorDetails, origins: list[_EnvVar]) -> str:
+    """A validation error as `config error: <key>: <what is wrong>`, on one line even
+    when a quoted TOML key holds a newline."""
+    return _describe(err, origins).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _describe(err: ErrorDetails, origins: list[_EnvVar]) -> str:
+    """`config error: <key>: <problem>`; `config error: <VARIABLE> (<key>): <problem>`
+    when a `SLUICE_*` variable set the value; with `; did you mean ...?` after an
+    unknown key that has a likely intended name."""
+    loc: Loc = tuple(err["loc"])
     message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"config error: {key}: unknown key"
-    if err["type"] == "missing" and key == "providers":
-        return "config error: providers: at least one [[providers]] entry is required"
-    if err["type"] == "value_error" and re.match(r"^[\w\[\].]+: ", message):
+    if err["type"] == "value_error" and (field := re.match(r"^([\w\[\].]+): ", message)):
         # Our model validators start their message with the field they reject.
-        return f"config error: {key + '.' if key else ''}{message}"
-    return f"config error: {key}: {message}"
+        loc += _parse_key(field.group(1))
+        message = message[field.end() :]
+    unknown = err["type"] == "extra_forbidden"
+    if unknown:
+        message = "unknown key"
+    elif err["loc"] == ("providers",) and err["type"] in ("missing", "too_short"):
+        message = "at least one [[providers]] entry is required"
+    var = _origin(loc, origins, unknown)
+    suggestion = _suggest(loc) if unknown else None
+    if var is None:
+        hint = f"; did you mean {_key(suggestion)}?" if suggestion else ""
+        if err["type"] == "missing" and any(v.loc[: len(loc) - 1] == loc[:-1] for v in origins):
+            # An entry (partly) built from variables: name the one that would complete it.
+            hint = f" (set {_variable(loc)})"
+        return f"config error: {_key(loc)}: {message}{hint}"
+    hint = ""
+    if suggestion is not None:
+        if len(var.loc) < len(loc):  # the mistake is inside the variable's JSON value
+            hint = f"; did you mean {_key(suggestion)}?"
+        else:
+            hint = f"; did you mean {_variable(suggestion + var.loc[len(loc) :])}?"
+    return f"config error: {var.name} ({_key(loc)}): {message}{hint}"
+
+
+def _key(loc: Loc | None) -> str:
+    """`providers[0].limit` for ("providers", 0, "limit")."""
+    key = ""
+    for part in loc or ():
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _parse_key(key: str) -> Loc:
+    """The inverse of `_key`."""
+    return tuple(
+        int(part[1:-1]) if part.startswith("[") else part
+        for part in re.findall(r"\[\d+\]|[^.\[\]]+", key)
+    )
+
+
+def _variable(loc: Loc) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def _origin(loc: Loc, origins: list[_EnvVar], unknown: bool) -> _EnvVar | None:
+    """The variable that put the value at `loc` there: one that set it or a JSON value
+    holding it, or (for an unknown key) one that set something beneath it."""
+    for var in origins:
+        if loc[: len(var.loc)] == var.loc or (unknown and var.loc[: len(loc)] == loc):
+            return var
+    return None
+
+
+def _suggest(loc: Loc) -> Loc | None:
+    """Where an unknown key probably belongs: the same name in another table (a
+    server key at the top level), else a close spelling in its own table."""
+    *parent, name = loc
+    own = _model_at(tuple(parent))
+    if own is None or not isinstance(name, str):
+        return None
+    for section, field in Settings.model_fields.items():
+        model = _model_in(field.annotation)
+        if model is not None and model is not own and name in model.model_fields:
+            entry: Loc = (section, 0) if _is_array(field.annotation) else (section,)
+            return (*entry, name)
+    close = difflib.get_close_matches(name, list(own.model_fields), n=1)
+    return (*parent, close[0]) if close else None
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The model whose fields are valid keys at `loc` (list indices skipped)."""
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The table model of a field: `ServerSettings`, or the entry of `tuple[X, ...]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _is_array(annotation: Any) -> bool:
+    return get_origin(annotation) in (tuple, list)

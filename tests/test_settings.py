@@ -739,9 +739,25 @@ def test_two_defaults_names_them(tmp_path: Path) -> None:
         load_text(tmp_path, text)
 
 
-def test_no_providers_says_one_is_required() -> None:
-    with one_line_error("providers", "[[providers]]"):
+def test_no_config_file_says_where_it_looked_and_how_to_pass_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with one_line_error(
+        "no config file found",
+        str(tmp_path),
+        "--config PATH",
+        "$SLUICE_CONFIG",
+        "examples/sim.toml",
+    ):
         load(None)
+
+
+def test_a_file_without_providers_says_one_is_required(tmp_path: Path) -> None:
+    with one_line_error("providers", "[[providers]]"):
+        load_text(tmp_path, "[server]\nport = 1\n")
+    with one_line_error("providers", "[[providers]]"):
+        load_text(tmp_path, "providers = []\n")
 
 
 def test_unset_api_key_env_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,14 +8,17 @@ enforce the whole limit on its own.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
 
+import structlog
 import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
@@ -25,6 +28,8 @@ from proxy.edge import logs
 from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
 from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
+
+log = structlog.get_logger("sluice")
 
 
 class _QuietAbort(logging.Filter):
@@ -50,20 +55,74 @@ def run(
         settings = with_address(settings, host, port)
         resolve_providers(settings)  # reads the keys: a missing one is a config error
         check_cluster(settings, workers)
+        # Bound before anything is built or logged: a port in use is one line, not a
+        # "sluice started" followed by uvicorn's error.
+        sock = listen(settings.server.host, settings.server.port)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     server = settings.server
     _configure_logging(settings)
+    _warn_about_status_variables(settings)
     if workers > 1:
-        return serve_workers(settings, config, workers)
+        return serve_workers(settings, config, workers, sock)
     return serve(
-        uvicorn.Server(
+        _Server(
             uvicorn.Config(
                 Sluice(settings), host=server.host, port=server.port, **_uvicorn_options(server)
             )
-        )
+        ),
+        [sock],
     )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where it listens once started, as it does when it
+    binds the socket itself (it is silent about a socket it is handed)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            _log_listening(sockets[0])
+
+
+def _log_listening(sock: socket.socket) -> None:
+    host, port = sock.getsockname()[:2]
+    address = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address, port
+    )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound as uvicorn would bind it (IPv6 when the host has a
+    colon), or a `ConfigError` saying why it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another process listens there: stop it, or choose a port with --port)"
+        raise ConfigError(
+            f"sluice serve: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+        ) from None
+    sock.set_inheritable(True)  # --workers: the worker processes share it
+    return sock
+
+
+def _warn_about_status_variables(settings: Settings) -> None:
+    """`SLUICE_ADMIN_TOKEN` is what `sluice status` sends, not the proxy's own token:
+    say so when it is set and the proxy has none, rather than run open unnoticed."""
+    if os.environ.get("SLUICE_ADMIN_TOKEN") and not settings.server.admin_token:
+        log.warning(
+            "SLUICE_ADMIN_TOKEN is read by `sluice status` only; the proxy's admin token "
+            "is server.admin_token (SLUICE_SERVER__ADMIN_TOKEN), which is empty: the "
+            "admin routes are open"
+        )
 
 
 def _uvicorn_options(server: ServerSettings) -> dict[str, Any]:
@@ -97,8 +156,11 @@ def check_cluster(settings: Settings, workers: int) -> None:
             raise ConfigError(f"config error: cluster.redis_url: {problem}")
 
 
-def serve_workers(settings: Settings, config: str | None, workers: int) -> int:
-    """Run `workers` processes on one listening socket until SIGTERM/SIGINT."""
+def serve_workers(
+    settings: Settings, config: str | None, workers: int, sock: socket.socket | None = None
+) -> int:
+    """Run `workers` processes on one listening socket (`sock`, else bound here) until
+    SIGTERM/SIGINT."""
     path = config_path(config)
     if path is not None:
         os.environ["SLUICE_CONFIG"] = str(path.resolve())
@@ -111,7 +173,11 @@ def serve_workers(settings: Settings, config: str | None, workers: int) -> int:
         port=server.port,
         **_uvicorn_options(server),
     )
-    supervisor = Multiprocess(uv_config, sockets=[uv_config.bind_socket()])
+    if sock is None:
+        sock = uv_config.bind_socket()
+    else:
+        _log_listening(sock)
+    supervisor = Multiprocess(uv_config, sockets=[sock])
     supervisor.run()
     failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
     return 3 if failed else 0
@@ -147,7 +213,7 @@ def with_address(settings: Settings, host: str | None, port: int | None) -> Sett
     return settings.model_copy(update={"server": server})
 
 
-def serve(server: uvicorn.Server) -> int:
+def serve(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> int:
     """Run `server` until SIGTERM/SIGINT; 0 after a clean shutdown, 3 if startup failed.
 
     uvicorn re-raises the signal that stopped it, into the handler installed before
@@ -157,7 +223,7 @@ def serve(server: uvicorn.Server) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, server.handle_exit)
-    server.run()
+    server.run(sockets)
     return 0 if server.started else 3
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import httpx
@@ -13,6 +15,9 @@ COLUMNS = ("provider", "limit", "inFlight", "queued", "paused", "cooldownMs", "a
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # SLUICE_URL and SLUICE_ADMIN_TOKEN are not config keys; `sluice serve` knows to
+    # leave them alone (proxy.settings.NOT_CONFIG_VARIABLES). Where the proxy's own
+    # token is in the environment (in its container, say), that one works too.
     parser.add_argument(
         "--url",
         default=os.environ.get("SLUICE_URL", "http://127.0.0.1:8080"),
@@ -20,17 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token",
-        default=os.environ.get("SLUICE_ADMIN_TOKEN", ""),
-        help="the admin token, if the proxy has one (default: $SLUICE_ADMIN_TOKEN)",
+        default=os.environ.get("SLUICE_ADMIN_TOKEN")
+        or os.environ.get("SLUICE_SERVER__ADMIN_TOKEN", ""),
+        help="the admin token, if the proxy has one "
+        "(default: $SLUICE_ADMIN_TOKEN, else $SLUICE_SERVER__ADMIN_TOKEN)",
     )
 
 
-def render(providers: list[dict[str, Any]]) -> str:
-    """A fixed-width table, then one line per provider with a notice."""
+def render(providers: list[dict[str, Any]], now_ms: float | None = None) -> str:
+    """A fixed-width table, then one line per provider with a notice. A pause shows
+    the seconds it has left (`now_ms`: epoch ms, default now)."""
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
     rows = [COLUMNS]
     for p in providers:
         limit = "none" if p["limit"] is None else str(p["limit"])
         paused = "yes" if p["paused"] else "no"
+        if p["paused"] and p.get("pausedUntil") is not None:
+            paused = f"yes ({max(0, math.ceil((p['pausedUntil'] - now_ms) / 1000))}s left)"
         rows.append(
             (
                 p["providerId"],

@@ -40,7 +40,7 @@ from proxy.cluster.fallback import LocalShare, release_local, share
 from proxy.cluster.hub import ClusterHub
 from proxy.cluster.scripts import NoState, RedisDown, Reply, Scripts, Shared, owner
 from proxy.errors import StoreError
-from proxy.runtime.provider import AdmissionFactory
+from proxy.runtime.provider import AdmissionFactory, limit_text
 from proxy.runtime.seam import Admission, ClusterView, InstanceLoad, Slot
 from proxy.runtime.store import ProviderOverrides
 from proxy.settings import ProviderConfig
@@ -309,11 +309,12 @@ class ClusterAdmission:
         except RedisDown as exc:
             self._hub.down(exc)
             return (
-                f"limit={self._state.limit} (config), cooldown_ms={self._state.cooldown_ms} "
-                f"(config); Redis unreachable: local share {self._view.local_limit}"
+                f"limit={limit_text(self._state.limit)} (config), "
+                f"cooldown_ms={self._state.cooldown_ms} (config); "
+                f"Redis unreachable: local share {self._view.local_limit}"
             )
         return (
-            f"limit={self._state.limit} ({limit_source}), "
+            f"limit={limit_text(self._state.limit)} ({limit_source}), "
             f"cooldown_ms={self._state.cooldown_ms} ({cooldown_source}); "
             f"shared through Redis as {self._hub.instance_id}"
         )

@@ -13,9 +13,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 
 from proxy.admission import LimiterStatus
 from proxy.edge.metrics import CONTENT_TYPE
@@ -226,6 +227,45 @@ def routes(
     return public + [
         Route(path, guarded(endpoint), methods=methods) for path, endpoint, methods in table
     ]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route: 404; a route that exists, another
+    method: 405, with `Allow`) in the admin shape instead of plain text."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.url.path}"
+    elif exc.status_code == 405:
+        # Starlette names the methods of the first route with this path only; a path
+        # may have a route per method (GET, PUT, DELETE /concurrency/limits/{id}).
+        allowed = ", ".join(_allowed_methods(request))
+        message = f"method {request.method} not allowed on {request.url.path} (allowed: {allowed})"
+        return JSONResponse({"error": message}, status_code=405, headers={"Allow": allowed})
+    else:
+        message = exc.detail
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        matched = isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE
+        if matched and route.methods:
+            methods |= route.methods
+    return sorted(methods)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette still logs the exception and re-raises it after this answer.
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+# For the Starlette app that serves these routes: every admin answer that is an
+# error is `{"error": "..."}`, whoever refused.
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: _http_error,
+    500: _internal_error,
+}
 
 
 def _authorized(request: Request, token: bytes) -> bool:

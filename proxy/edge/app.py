@@ -61,6 +61,7 @@ class Sluice:
                 settings.server.admin_token.get_secret_value(),
             ),
             lifespan=self._lifespan,
+            exception_handlers=admin.EXCEPTION_HANDLERS,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

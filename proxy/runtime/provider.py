@@ -98,7 +98,7 @@ class LocalAdmission:
             else:
                 cooldown_source = "config (changed since the stored value)"
         return (
-            f"limit={limiter.limit} ({limit_source}), "
+            f"limit={limit_text(limiter.limit)} ({limit_source}), "
             f"cooldown_ms={limiter.policy.cooldown_ms} ({cooldown_source})"
         )
 
@@ -113,6 +113,11 @@ class LocalAdmission:
 
     async def close(self) -> None:
         self.limiter.close()
+
+
+def limit_text(limit: int | None) -> str:
+    """A limit as the startup line shows it."""
+    return "unlimited" if limit is None else str(limit)
 
 
 AdmissionFactory = Callable[

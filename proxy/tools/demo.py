@@ -126,17 +126,30 @@ async def _agent(
             tally.errors += 1
 
 
+WATCH_COLUMNS = ("time", "inFlight", "running", "cooling", "queued", "upstream", "limit", "paused")
+WATCH_LEGEND = (
+    "inFlight = running + cooling: a finished request's slot cools down for cooldown_ms\n"
+    "before it is reused, so `upstream` (what the sim sees) can be 0 while slots are held.\n"
+)
+
+
 async def _watch(proxy: httpx.AsyncClient, sim: SimApp, out: TextIO, done: asyncio.Event) -> None:
-    out.write(
-        f"{'time':>5} {'inFlight':>9} {'queued':>7} {'upstream':>9} {'limit':>6} {'paused':>7}\n"
-    )
+    out.write(WATCH_LEGEND)
+    out.write(" ".join(f"{name:>8}" for name in WATCH_COLUMNS) + "\n")
     started = time.monotonic()
     while not done.is_set():
         status = (await proxy.get("/concurrency/status/sim")).json()
-        out.write(
-            f"{time.monotonic() - started:5.1f} {status['inFlight']:>9} {status['queued']:>7} "
-            f"{sim.stats.in_flight:>9} {status['limit']:>6} {str(status['paused']).lower():>7}\n"
+        row = (
+            f"{time.monotonic() - started:.1f}",
+            status["inFlight"],
+            status["running"],
+            status["cooling"],
+            status["queued"],
+            sim.stats.in_flight,
+            status["limit"],
+            str(status["paused"]).lower(),
         )
+        out.write(" ".join(f"{cell:>8}" for cell in row) + "\n")
         out.flush()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 1.0)
