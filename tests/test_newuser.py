@@ -539,12 +539,12 @@ def test_demo_table_shows_running_and_cooling(monkeypatch: pytest.MonkeyPatch) -
     import io
 
     out = io.StringIO()
-    plan = demo.DemoPlan(agents=4, requests_per_agent=1, tokens=4, token_delay_ms=5)
+    plan = demo.DemoPlan(agents=4, tasks_per_agent=1, rounds=(1,), tokens=4, token_delay_ms=5)
     assert demo.main(plan, out) == 0
     text = out.getvalue()
     assert demo.WATCH_LEGEND in text
     header = " ".join(f"{name:>8}" for name in demo.WATCH_COLUMNS)
-    rows = text.split(header + "\n", 1)[1].split("\n\nsummary", 1)[0].splitlines()
+    rows = text.split(header + "\n", 1)[1].split("\n\nThe same load again", 1)[0].splitlines()
     for row in (r.split() for r in rows if re.match(r"^ *\d+\.\d ", r)):
         in_flight, running, cooling = (int(cell) for cell in row[1:4])
         assert in_flight == running + cooling, row

@@ -219,14 +219,19 @@ def test_demo_runs_to_completion_with_a_small_load() -> None:
     from proxy.tools import demo
 
     out = io.StringIO()
-    plan = demo.DemoPlan(agents=6, requests_per_agent=1, tokens=4, token_delay_ms=5)
+    plan = demo.DemoPlan(agents=3, tasks_per_agent=1, rounds=(1,), tokens=4, token_delay_ms=5)
     assert demo.main(plan, out) == 0
     text = out.getvalue()
     assert "tok0 tok1 tok2 tok3" in text
+    # 3 tasks of one tool round: two model calls each, no header sent.
     assert "requests                      6 (6 completed, 0 errors)" in text
     assert "429s seen by clients          0" in text
+    assert "prompt sources                derived\n" in text
     highest = int(text.split("highest upstream concurrency")[1].split()[0])
     assert highest <= demo.HARD_CAP
+    comparison = text.split("task age against arrival order (the same load)\n", 1)[1]
+    for row in ("continuations admitted ahead of newer tasks", "time to finish a task, p50"):
+        assert row in comparison
 
 
 # ------------------------------------------------------------ container files
