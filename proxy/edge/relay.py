@@ -290,7 +290,7 @@ class Relay:
         policy = route.provider.config.policy
         if header is not None:
             started, source = prompt_started_at_ms(header, now_ms), "header"
-        elif policy.limit is not None and policy.derive_prompt_start:
+        elif policy.derive_prompt_start and route.provider.admission.limit is not None:
             agent = agent_started_at_ms(headers)
             if agent is not None and agent >= MIN_EPOCH_MS:
                 started, source = min(agent, now_ms), "agent"
