@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -122,13 +121,6 @@ class Sluice:
             await self.cluster.start()
         self.relay.prompts = await self._prompt_times(store)
         log.info("sluice started", providers=sources)
-        # Everything built so far lives as long as the process: keep it out of the
-        # garbage collector's generations so collections stay short under load. And
-        # collect less often: with a thousand open streams a full collection walks
-        # ~100,000 live objects and stalls every stream at once (measured: chunk delay
-        # p99 at 1,024 streams 155 ms with the default thresholds, 61 ms with these).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
 
     async def _prompt_times(self, store: Store) -> PromptTimes:
         """Where first-seen prompt times live: Redis in cluster mode, else memory
