@@ -18,8 +18,9 @@ tests/test_http1_fuzz.py holds us to it). httptools (llhttp) parses; the client
 adds the rules llhttp leaves to its caller, once per response head, never per body
 chunk:
 
-- a status outside 200-599 after any interim 1xx (0-99, 600-999), and a `101`
-  (sluice never asks to switch protocols), is a 502 at once;
+- a status outside 100-599 (llhttp reads any three digits), and a `101` (sluice
+  never asks to switch protocols), is a 502 at once, as is a status line that is
+  not HTTP's (llhttp also takes `RTSP/` and `ICE/`);
 - a head is at most `MAX_HEADERS` fields and `MAX_HEAD_BYTES` bytes, and so is a
   trailer section; trailers are read and dropped, never exposed;
 - framing per RFC 9112 section 6.3: a `Transfer-Encoding` whose last coding is
@@ -31,9 +32,10 @@ chunk:
 - an interim 1xx may carry no body, so one with a Content-Length or
   Transfer-Encoding is a 502 (llhttp would read a body for it);
 - headers that the upstream's `Connection` header names are dropped, as is the
-  Content-Length of a 204 or 304 (it describes no body here, and an ASGI server
-  would wait for one);
-- bytes the upstream sends when no request is outstanding close the connection.
+  Content-Length of a 204 or 304 (it describes no body here, and uvicorn refuses
+  to end a response short of it);
+- bytes the upstream sends when no request is outstanding close the connection;
+- a request header or target with a CR, LF or NUL is refused before it is sent.
 """
 
 from __future__ import annotations
@@ -741,7 +743,9 @@ def _request_head(method: str, target: bytes, host: bytes, headers: Headers, bod
         lines.append(b"content-length: %d\r\n" % len(body))
     lines.append(b"\r\n")
     head = b"".join(lines)
-    if head.count(b"\n") != len(lines) + 1:  # the first item holds two lines
-        # A line break inside a value would let it smuggle headers or a request.
-        raise UpstreamUnavailable("a request header or the path contains a line break")
+    breaks = len(lines) + 1  # the first item holds two lines
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
+        # A line break inside a value would let it smuggle headers or a request; a
+        # bare CR is one to some servers, and a NUL ends a value to others.
+        raise UpstreamUnavailable("a request header or the path contains a CR, LF or NUL")
     return head

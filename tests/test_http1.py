@@ -1505,6 +1505,43 @@ async def test_bytes_with_no_request_outstanding_close_the_connection(
     assert [len(peer.requests) for peer in server.peers] == [1, 1]
 
 
+@pytest.mark.parametrize(
+    ("headers", "url_tail"),
+    [
+        ([(b"x-a", b"one\rtwo")], ""),
+        ([(b"x-a", b"one\ntwo")], ""),
+        ([(b"x-a", b"one\r\nx-b: two")], ""),
+        ([(b"x-a", b"one\x00two")], ""),
+        ([(b"x-a\r", b"one")], ""),
+        ([(b"x-\x00a", b"one")], ""),
+        ([], "/a\rb"),
+        ([], "/a\x00b"),
+    ],
+    ids=[
+        "CR in a value",
+        "LF in a value",
+        "CRLF in a value",
+        "NUL in a value",
+        "CR in a name",
+        "NUL in a name",
+        "CR in the path",
+        "NUL in the path",
+    ],
+)
+async def test_a_cr_lf_or_nul_in_the_request_is_refused_before_sending(
+    transport: Http1Transport,
+    serve: Serve,
+    headers: list[tuple[bytes, bytes]],
+    url_tail: str,
+) -> None:
+    """A bare CR ends a line for some servers and a NUL ends a value for others: either
+    could smuggle a header past the proxy, as a LF could."""
+    server = await serve(answering(ok(b"")))
+    with pytest.raises(UpstreamUnavailable, match="CR, LF or NUL"):
+        await transport.send("GET", server.url("/x" + url_tail), headers, b"")
+    assert server.connections == 0
+
+
 THROUGH_THE_PROXY = {
     b"/up/not-modified": b'HTTP/1.1 304 Not Modified\r\ncontent-length: 11\r\netag: "v1"\r\n\r\n',
     b"/up/no-content": b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
