@@ -226,8 +226,11 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(pool.events)
         # Both Transfer-Encoding and Content-Length: the first wins (RFC 9112
         # section 6.3) rather than failing the response; `_framing` then drops the
-        # length and the connection is not reused.
-        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        # length and the connection is not reused. And parse on after a message that
+        # asks to close: else an interim 1xx on an HTTP/1.0 status line or with
+        # `Connection: close` fails the answer after it (h11 reads on), while
+        # `on_message_begin` refuses any message after the answer itself.
+        self._parser.set_dangerous_leniencies(lenient_chunked_length=True, lenient_keep_alive=True)
         self.response: Http1Response | None = None
         self.closed = False
         self.idle_since = 0.0
