@@ -717,14 +717,16 @@ def _framing(
             chunked = True
     no_body = head_only or status in (204, 304)
     to_eof = not no_body and not chunked and (codings is not None or not has_length)
+    must_close = codings is not None and has_length
     if has_length and (codings is not None or status in (204, 304)):
         named.add(b"content-length")  # describes no body that is relayed
+    kept = None
     if named:
         # Connection-named headers describe this hop only (RFC 9110 section 7.6.1).
         kept = [(name, value) for name, value in headers if name.lower() not in named]
-        if len(kept) < len(headers):
-            return to_eof, codings is not None and has_length, kept
-    return to_eof, codings is not None and has_length, None
+        if len(kept) == len(headers):
+            kept = None
+    return to_eof, must_close, kept
 
 
 def _origin(prefix: str, provider_id: str) -> Origin:
