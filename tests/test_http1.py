@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import ssl
@@ -20,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import httpx
 import pytest
 
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.upstream.http1 import Http1Response, Http1Transport
+from proxy.upstream.http1 import MAX_HEAD_BYTES, MAX_HEADERS, Http1Response, Http1Transport
 from tests.certs import make_certificates
+from tests.conftest import ProxyFactory
 from tests.servers import free_port
 from tests.waiting import eventually
 
@@ -522,15 +525,20 @@ async def test_a_response_that_says_close_is_not_pooled(
     [
         b"HTTP/1.1 100 Continue\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 199 Whatever\r\n\r\n",
+        b"HTTP/1.0 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nconnection: close\r\n\r\n",
     ],
-    ids=["100", "103"],
+    ids=["100", "103", "102 then 199", "HTTP/1.0 100", "103 saying close"],
 )
 @pytest.mark.parametrize("split", [False, True], ids=["joined", "split"])
 async def test_an_interim_response_is_skipped_for_the_final_one(
     transport: Http1Transport, serve: Serve, interim: bytes, split: bool
 ) -> None:
     """A 1xx is not the answer: its status and headers must not leak into the final
-    response, and the connection stays usable."""
+    response, and the connection stays usable. What a 1xx says about the connection
+    (HTTP/1.0, `connection: close`) is not the final answer's either: llhttp took it
+    as the end of the exchange and refused the answer (found by test_http1_fuzz)."""
 
     async def handle(peer: Peer) -> None:
         while await peer.request() is not None:
@@ -555,15 +563,17 @@ async def test_an_interim_response_is_skipped_for_the_final_one(
 async def test_many_large_and_repeated_headers_come_back_as_sent(
     transport: Http1Transport, serve: Serve
 ) -> None:
-    """Original case, original order, duplicates kept (two Set-Cookie are two cookies)."""
+    """Original case, original order, duplicates kept (two Set-Cookie are two cookies),
+    up to exactly `MAX_HEADERS` fields."""
     headers = [
         (b"Content-Length", b"2"),
         (b"Set-Cookie", b"a=1; Path=/"),
         (b"set-cookie", b"b=2"),
         (b"X-Big", b"v" * 16384),
     ]
-    headers += [(f"X-Header-{i:03}".encode(), f"value {i}".encode()) for i in range(200)]
+    headers += [(f"X-Header-{i:03}".encode(), f"value {i}".encode()) for i in range(95)]
     headers.append((b"Set-Cookie", b"c=3"))
+    assert len(headers) == MAX_HEADERS
     head = b"HTTP/1.1 200 OK\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
     server = await serve(answering(head + b"\r\nok"))
     response = await transport.send("GET", server.url("/"), [], b"")
@@ -1141,6 +1151,453 @@ async def test_a_paused_reader_is_not_taken_for_a_silent_upstream(
     await collect(stream, received)
     assert b"".join(received) == body
     await response.aclose()
+
+
+# --- strictness: what a well-kept client refuses (issue 14) ----------------------------------
+
+
+async def refused_at_once(transport: Http1Transport, server: RawServer) -> UpstreamUnavailable:
+    """Send a GET that must fail with a 502 well before any read timeout (the transports
+    here wait 30 s for bytes), on a connection the client then closes."""
+    async with asyncio.timeout(5):
+        with pytest.raises(UpstreamUnavailable) as refused:
+            await transport.send("GET", server.url("/"), [], b"")
+        await eventually(server.peers[0].closed.is_set, within=2)
+    return refused.value
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 000 Zero", b"HTTP/1.1 099 Low", b"HTTP/1.1 600 High", b"HTTP/1.1 999 Odd"],
+    ids=["000", "099", "600", "999"],
+)
+async def test_a_status_outside_100_599_is_502_at_once_and_not_pooled(
+    make_transport: MakeTransport, serve: Serve, status_line: bytes
+) -> None:
+    """llhttp reads any three digits. A `000` used to leave `send()` waiting forever
+    (its status read as "no answer yet"); a `600` was relayed. The next request gets a
+    fresh connection and its own answer."""
+    transport = make_transport(read_timeout_s=30)
+    server = await serve(answering(status_line + b"\r\ncontent-length: 2\r\n\r\nno", ok(b"yes")))
+    error = await refused_at_once(transport, server)
+    assert "outside 100-599" in error.message
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert (response.status, await response.read()) == (200, b"yes")
+    await response.aclose()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    ],
+    ids=["with upgrade headers", "bare"],
+)
+async def test_switching_protocols_is_502_without_a_traceback(
+    make_transport: MakeTransport,
+    serve: Serve,
+    caplog: pytest.LogCaptureFixture,
+    head: bytes,
+) -> None:
+    """sluice never asks to upgrade (Upgrade is hop-by-hop and dropped), so a 101 is a
+    broken upstream. With Upgrade headers httptools raised `HttpParserUpgrade`, which
+    escaped `data_received`: asyncio logged a "Fatal error" with a traceback."""
+    transport = make_transport(read_timeout_s=30)
+    server = await serve(silent_after(head + b"\x00binary websocket frames"))
+    error = await refused_at_once(transport, server)
+    assert "101" in error.message
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 104 Unknown\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 199 Unknown\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ],
+    ids=["103 with length", "104 with length", "199 chunked"],
+)
+async def test_an_interim_response_with_a_body_length_is_502(
+    make_transport: MakeTransport, serve: Serve, interim: bytes
+) -> None:
+    """A 1xx ends with its head (RFC 9110 section 15.2). llhttp reads a body for any 1xx
+    but 100, 102 and 103 when given a length, and those bytes went to the final
+    response's body; which to believe is a guess, so it is refused."""
+    transport = make_transport(read_timeout_s=30)
+    final = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    server = await serve(silent_after(interim + final))
+    error = await refused_at_once(transport, server)
+    assert "interim" in error.message
+
+
+@pytest.mark.parametrize("where", ["head", "trailers"])
+async def test_more_than_max_headers_fields_is_502(
+    make_transport: MakeTransport, serve: Serve, where: str
+) -> None:
+    """`MAX_HEADERS` fields pass (see the test above); one more does not, in the head
+    (502 from send) or in the trailer section (502 from the body)."""
+    transport = make_transport(read_timeout_s=30)
+    fields = b"".join(b"x-field-%03d: %d\r\n" % (i, i) for i in range(MAX_HEADERS + 1))
+    if where == "head":
+        server = await serve(silent_after(b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n"))
+        error = await refused_at_once(transport, server)
+    else:
+        chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+        server = await serve(silent_after(chunked + fields + b"\r\n"))
+        response = await transport.send("GET", server.url("/"), [], b"")
+        async with asyncio.timeout(5):
+            with pytest.raises(UpstreamUnavailable) as refused:
+                await response.read()
+        await response.aclose()
+        error = refused.value
+    assert f"more than {MAX_HEADERS} header fields" in error.message
+
+
+def big_head(size: int) -> bytes:
+    """A 200 head whose header fields take exactly `size` bytes, most in one field."""
+    length = b"content-length: 2\r\n"
+    start = b"x-big: "
+    value = b"v" * (size - len(length) - len(start) - 2)
+    return b"HTTP/1.1 200 OK\r\n" + length + start + value + b"\r\n\r\n"
+
+
+async def test_a_head_of_max_head_bytes_passes(transport: Http1Transport, serve: Serve) -> None:
+    head = big_head(MAX_HEAD_BYTES)
+    server = await serve(answering(head + b"ok"))
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert len(dict(response.raw_headers)[b"x-big"]) > MAX_HEAD_BYTES - 100
+    assert await response.read() == b"ok"
+    await response.aclose()
+
+
+def head_without_end(size: int) -> Handler:
+    """A header line of `size` bytes that never ends, in 4 KiB writes, the connection
+    kept open: only a bound on what arrives can refuse it."""
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        peer.write(b"HTTP/1.1 200 OK\r\nx-endless: ")
+        for _ in range(size // 4096 + 1):
+            peer.write(b"v" * 4096)
+            await peer.writer.drain()
+            await let_the_client_read()
+        await wait_for_close(peer)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        silent_after(big_head(MAX_HEAD_BYTES + 1) + b"ok"),
+        silent_after(
+            b"HTTP/1.1 200 OK\r\n"
+            + b"".join(b"x-%02d: %s\r\n" % (i, b"v" * 2048) for i in range(40))
+            + b"\r\n"
+        ),
+        head_without_end(2 * MAX_HEAD_BYTES),
+    ],
+    ids=["one byte over", "many fields", "a line that never ends"],
+)
+async def test_a_head_over_max_head_bytes_is_502(
+    make_transport: MakeTransport, serve: Serve, handler: Handler
+) -> None:
+    transport = make_transport(read_timeout_s=30)
+    server = await serve(handler)
+    error = await refused_at_once(transport, server)
+    assert f"over {MAX_HEAD_BYTES} bytes" in error.message
+
+
+async def test_trailers_are_read_and_dropped(transport: Http1Transport, serve: Serve) -> None:
+    """Response trailers are not relayed (ASGI would need an extension for them), and
+    they must not turn up in the headers the relay reads either."""
+    server = await serve(answering(CHUNKED))
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert await response.read() == b"hello abcdefghijklmnopqrstuvwxyz"
+    assert response.raw_headers == [(b"transfer-encoding", b"chunked")]
+    await response.aclose()
+
+
+async def test_a_trailer_section_over_max_head_bytes_is_502(
+    make_transport: MakeTransport, serve: Serve
+) -> None:
+    transport = make_transport(read_timeout_s=30)
+    trailer = b"x-big: " + b"v" * MAX_HEAD_BYTES + b"\r\n\r\n"
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    server = await serve(silent_after(chunked + trailer))
+    response = await transport.send("GET", server.url("/"), [], b"")
+    async with asyncio.timeout(5):
+        with pytest.raises(UpstreamUnavailable, match=f"over {MAX_HEAD_BYTES} bytes"):
+            await response.read()
+    await response.aclose()
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"gzip, deflate", b"GZIP"])
+async def test_a_transfer_coding_without_chunked_is_read_until_the_close(
+    transport: Http1Transport, serve: Serve, coding: bytes
+) -> None:
+    """RFC 9112 section 6.3 item 4: with chunked not the final coding, a response
+    ends at the close. The client took any Transfer-Encoding for a framed body and
+    called the close a truncation (502). Codings are not undone: bytes pass as they
+    came, like Content-Encoding."""
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        peer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\n\x1f\x8b")
+        await let_the_client_read()
+        peer.write(b"coded bytes")
+
+    server = await serve(handle)
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert response.status == 200
+    assert await response.read() == b"\x1f\x8bcoded bytes"
+    await response.aclose()
+
+
+async def test_chunked_after_other_codings_is_chunked_and_reusable(
+    transport: Http1Transport, serve: Serve
+) -> None:
+    wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = await serve(answering(wire + b"5\r\nhello\r\n0\r\n\r\n"))
+    for _ in range(2):
+        response = await transport.send("GET", server.url("/"), [], b"")
+        assert await response.read() == b"hello"
+        await response.aclose()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "length_first", [True, False], ids=["length first", "transfer-encoding first"]
+)
+async def test_transfer_encoding_beats_content_length_and_the_connection_is_not_reused(
+    transport: Http1Transport, serve: Serve, length_first: bool
+) -> None:
+    """Both framings in one response (RFC 9112 section 6.3 item 3): the chunked body is
+    the body, the Content-Length is dropped before relaying (the relay would otherwise
+    frame the client's copy by it), and a connection that saw this is not trusted
+    with another request. llhttp refused the response outright before."""
+    framing = [b"content-length: 3\r\n", b"transfer-encoding: chunked\r\n"]
+    if not length_first:
+        framing.reverse()
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(framing) + b"x-after: 1\r\n\r\n"
+    server = await serve(answering(head + b"9\r\nall of it\r\n0\r\n\r\n"))
+    for _ in range(2):
+        response = await transport.send("GET", server.url("/"), [], b"")
+        assert await response.read() == b"all of it"
+        names = [name for name, _ in response.raw_headers]
+        assert names == [b"transfer-encoding", b"x-after"]
+        await response.aclose()
+    assert server.connections == 2
+    await eventually(server.peers[0].closed.is_set, within=2)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"chunked, gzip",
+        b"chunked, chunked",
+        b"chunked,",
+        b", chunked",
+        b'"chunked"',
+        b"chunked;q=1",
+        b"gzip;level=9, chunked",
+    ],
+)
+async def test_an_unreadable_transfer_encoding_is_502(
+    make_transport: MakeTransport, serve: Serve, value: bytes
+) -> None:
+    """Where llhttp and the RFC (or h11) could frame the body differently: llhttp
+    reads `chunked,` until the close although an empty list element means nothing, and
+    reads `chunked, gzip` until the close where no sender may put chunked but last.
+    Refused rather than guessed (h11 refuses every coding but a lone chunked)."""
+    transport = make_transport(read_timeout_s=30)
+    server = await serve(
+        silent_after(b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + value + b"\r\n\r\n0\r\n\r\n")
+    )
+    error = await refused_at_once(transport, server)
+    assert "Transfer-Encoding" in error.message
+
+
+async def test_headers_the_connection_header_names_are_not_exposed(
+    transport: Http1Transport, serve: Serve
+) -> None:
+    """RFC 9110 section 7.6.1: they describe the upstream's hop only. Matched without
+    regard to case or list whitespace; the rest keep their order (the relay drops the
+    hop-by-hop ones, Connection itself included)."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nX-Foo: secret\r\nconnection: keep-alive , X-FOO\r\n"
+        b"keep-alive: timeout=5\r\nx-kept: 1\r\nConnection: x-bar,,\r\nx-bar: 2\r\n"
+        b"content-length: 2\r\n\r\nok"
+    )
+    server = await serve(answering(head))
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert response.raw_headers == [
+        (b"connection", b"keep-alive , X-FOO"),
+        (b"x-kept", b"1"),
+        (b"Connection", b"x-bar,,"),
+        (b"content-length", b"2"),
+    ]
+    assert await response.read() == b"ok"
+    await response.aclose()
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "kept"),
+    [
+        ("GET", b"204 No Content", [(b"etag", b'"v1"')]),
+        ("GET", b"304 Not Modified", [(b"etag", b'"v1"')]),
+        ("HEAD", b"200 OK", [(b"content-length", b"11"), (b"etag", b'"v1"')]),
+    ],
+    ids=["204", "304", "HEAD"],
+)
+async def test_a_bodiless_answer_with_content_length_is_clean(
+    transport: Http1Transport,
+    serve: Serve,
+    method: str,
+    status: bytes,
+    kept: list[tuple[bytes, bytes]],
+) -> None:
+    """No body is read, and a 204 or 304 loses its Content-Length: uvicorn checks the
+    body the relay hands it against that header and raised "Response content shorter
+    than Content-Length" for them (it lets HEAD pass, so HEAD keeps it)."""
+    wire = b"HTTP/1.1 " + status + b'\r\ncontent-length: 11\r\netag: "v1"\r\n\r\n'
+    server = await serve(answering(wire))
+    for _ in range(2 if method == "GET" else 1):
+        response = await transport.send(method, server.url("/"), [], b"")
+        assert response.raw_headers == kept
+        assert await response.read() == b""
+        await response.aclose()
+    assert server.connections == 1
+
+
+async def unasked_bytes(peer: Peer, joined: bool) -> None:
+    """Answer the first request on each connection with "first" and the start of a
+    second answer nobody asked for; should the client send another request on this
+    connection, finish that answer with a body the client must never see."""
+    await peer.request()
+    stray = b"HTTP/1.1 200 OK\r\nx-smuggled: 1\r\n"
+    if joined:
+        peer.write(ok(b"first") + stray)
+    else:
+        peer.write(ok(b"first"))
+        await peer.writer.drain()
+        await let_the_client_read()
+        peer.write(stray)
+    if await peer.request() is not None:
+        peer.write(b"content-length: 5\r\n\r\nWRONG")
+        await wait_for_close(peer)
+
+
+@pytest.mark.parametrize("joined", [True, False], ids=["in the same read", "later"])
+async def test_bytes_with_no_request_outstanding_close_the_connection(
+    transport: Http1Transport, serve: Serve, joined: bool
+) -> None:
+    """A connection whose parser has seen bytes nobody asked for would read them as
+    the start of the next answer. Arriving on their own, they closed it already;
+    in the read that ended the previous answer, they were parsed on and kept."""
+    server = await serve(lambda peer: unasked_bytes(peer, joined))
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert await response.read() == b"first"
+    await response.aclose()
+    await eventually(server.peers[0].closed.is_set, within=2)
+    response = await transport.send("GET", server.url("/"), [], b"")
+    assert await response.read() == b"first"
+    assert (b"x-smuggled", b"1") not in response.raw_headers
+    await response.aclose()
+    assert [len(peer.requests) for peer in server.peers] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("headers", "url_tail"),
+    [
+        ([(b"x-a", b"one\rtwo")], ""),
+        ([(b"x-a", b"one\ntwo")], ""),
+        ([(b"x-a", b"one\r\nx-b: two")], ""),
+        ([(b"x-a", b"one\x00two")], ""),
+        ([(b"x-a\r", b"one")], ""),
+        ([(b"x-\x00a", b"one")], ""),
+        ([], "/a\rb"),
+        ([], "/a\x00b"),
+    ],
+    ids=[
+        "CR in a value",
+        "LF in a value",
+        "CRLF in a value",
+        "NUL in a value",
+        "CR in a name",
+        "NUL in a name",
+        "CR in the path",
+        "NUL in the path",
+    ],
+)
+async def test_a_cr_lf_or_nul_in_the_request_is_refused_before_sending(
+    transport: Http1Transport,
+    serve: Serve,
+    headers: list[tuple[bytes, bytes]],
+    url_tail: str,
+) -> None:
+    """A bare CR ends a line for some servers and a NUL ends a value for others: either
+    could smuggle a header past the proxy, as a LF could."""
+    server = await serve(answering(ok(b"")))
+    with pytest.raises(UpstreamUnavailable, match="CR, LF or NUL"):
+        await transport.send("GET", server.url("/x" + url_tail), headers, b"")
+    assert server.connections == 0
+
+
+THROUGH_THE_PROXY = {
+    b"/up/not-modified": b'HTTP/1.1 304 Not Modified\r\ncontent-length: 11\r\netag: "v1"\r\n\r\n',
+    b"/up/no-content": b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+    b"/up/head": b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n",
+    b"/up/named": (
+        b"HTTP/1.1 200 OK\r\nconnection: close, X-Foo\r\nx-foo: secret\r\nx-kept: 1\r\n"
+        b"content-length: 2\r\n\r\nok"
+    ),
+    b"/up/switch": (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+    ),
+    b"/up/weird": b"HTTP/1.1 600 Weird\r\ncontent-length: 2\r\n\r\nno",
+}
+
+
+@pytest.mark.e2e
+async def test_through_the_proxy_bodiless_answers_relay_and_refusals_are_clean_502s(
+    serve: Serve, make_proxy: ProxyFactory
+) -> None:
+    """What the client's strictness is for, end to end through `sluice serve` (uvicorn
+    and the relay): a 204 or 304 with a Content-Length made uvicorn raise "Response
+    content shorter than Content-Length"; a Connection-named header reached the
+    agent; a 101 logged a traceback. Each answer is checked, then the proxy's log."""
+
+    async def handle(peer: Peer) -> None:
+        while (request := await peer.request()) is not None:
+            peer.write(THROUGH_THE_PROXY[request.target])
+
+    server = await serve(handle)
+    proxy = make_proxy(f'[[providers]]\nid = "raw"\nbase_url = "{server.url("/up")}"\n')
+    # One connection, so every earlier exchange has ended (and logged) once the last
+    # answer is in.
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(base_url=proxy.url + "/v1", limits=limits) as client:
+        answer = await client.get("/not-modified")
+        assert (answer.status_code, answer.headers.get("etag")) == (304, '"v1"')
+        answer = await client.get("/no-content")
+        assert answer.status_code == 204
+        answer = await client.head("/head")
+        assert (answer.status_code, answer.headers["content-length"]) == (200, "1234")
+        answer = await client.get("/named")
+        assert (answer.status_code, answer.text, answer.headers["x-kept"]) == (200, "ok", "1")
+        assert "x-foo" not in answer.headers
+        for path in ("/switch", "/weird"):
+            answer = await client.get(path)
+            assert answer.status_code == 502
+            assert answer.json()["error"]["type"] == "sluice_upstream_error"
+        assert (await client.get(proxy.url + "/healthz")).status_code == 200
+    log = proxy.log()
+    assert "Traceback" not in log
+    assert "Exception in ASGI application" not in log
 
 
 # --- TLS -------------------------------------------------------------------------------------

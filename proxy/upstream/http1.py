@@ -12,6 +12,30 @@ no decompression, no cookies, no proxies; TLS is always verified.
 
 Lower-layer failures become `UpstreamUnavailable` (502) or `UpstreamTimeout` (504)
 here, with `raise ... from exc`.
+
+Strict where a proxy must be (RFC 9112; h11 is the model, and
+tests/test_http1_fuzz.py holds us to it). httptools (llhttp) parses; the client
+adds the rules llhttp leaves to its caller, once per response head, never per body
+chunk:
+
+- a status outside 100-599 (llhttp reads any three digits), and a `101` (sluice
+  never asks to switch protocols), is a 502 at once, as is a status line that is
+  not HTTP's (llhttp also takes `RTSP/` and `ICE/`);
+- a head is at most `MAX_HEADERS` fields and `MAX_HEAD_BYTES` bytes, and so is a
+  trailer section; trailers are read and dropped, never exposed;
+- framing per RFC 9112 section 6.3: a `Transfer-Encoding` whose last coding is
+  `chunked` is chunked, one without `chunked` is read until the close, anything else
+  (`chunked` not last or twice, an empty or odd coding) is a 502; with both
+  `Transfer-Encoding` and `Content-Length` the former wins, the latter is dropped and
+  the connection is not reused; llhttp refuses a malformed or repeated
+  Content-Length;
+- an interim 1xx may carry no body, so one with a Content-Length or
+  Transfer-Encoding is a 502 (llhttp would read a body for it);
+- headers that the upstream's `Connection` header names are dropped, as is the
+  Content-Length of a 204 or 304 (it describes no body here, and uvicorn refuses
+  to end a response short of it);
+- bytes the upstream sends when no request is outstanding close the connection;
+- a request header or target with a CR, LF or NUL is refused before it is sent.
 """
 
 from __future__ import annotations
@@ -32,7 +56,27 @@ HIGH_WATER = 256 * 1024
 """Unread body bytes past which the connection stops reading from the upstream, so a
 slow client pushes back on the upstream instead of growing our memory."""
 
+MAX_HEADERS = 100
+"""Header fields one response head may carry (the same bound as `server.max_headers`
+for requests); an interim 1xx head and the trailer section count on their own. More
+is a 502."""
+
+MAX_HEAD_BYTES = 64 * 1024
+"""Bytes of header fields one response head may carry (the same bound as
+`server.max_header_bytes` for requests), each field counted as written
+`name: value` CRLF, so its name and value plus 4; a trailer section is held to the
+same. More is a 502. A head still incomplete once twice this has arrived for it
+(status line and any interim 1xx heads included) is refused then, without waiting
+for an end that may never come: httptools holds a header line whole until it ends."""
+
 _AUTHORITY_END = re.compile(r"[/?#]")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+"""A token (RFC 9110 section 5.6.2): what a transfer coding must be."""
+_FRAMING_NAME_LENGTHS = frozenset(
+    map(len, (b"connection", b"content-length", b"transfer-encoding"))
+)
+"""Lengths of `connection`, `content-length` and `transfer-encoding`: a header of
+another length is skipped without lower-casing its name."""
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods retried once on a fresh connection when a pooled one turns out closed."""
@@ -148,14 +192,20 @@ class Http1Response:
 
 class _Connection(asyncio.Protocol):
     """One upstream connection, serving one request at a time. Its parser calls
-    back into it (`on_header` ... `on_message_complete`) from `data_received`,
-    through the pool's shared `_ParserEvents`."""
+    back into it (`on_message_begin` ... `on_message_complete`) from `data_received`,
+    through the pool's shared `_ParserEvents`. A callback refuses a response by
+    raising an `UpstreamError`: the parser stops there and `data_received` closes the
+    connection with it."""
 
     __slots__ = (
         "_deadline",
+        "_fields",
+        "_head_bytes",
         "_head_only",
+        "_head_size",
         "_informational",
         "_last_data",
+        "_must_close",
         "_parser",
         "_paused",
         "_pool",
@@ -174,6 +224,13 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(pool.events)
+        # Both Transfer-Encoding and Content-Length: the first wins (RFC 9112
+        # section 6.3) rather than failing the response; `_framing` then drops the
+        # length and the connection is not reused. And parse on after a message that
+        # asks to close: else an interim 1xx on an HTTP/1.0 status line or with
+        # `Connection: close` fails the answer after it (h11 reads on), while
+        # `on_message_begin` refuses any message after the answer itself.
+        self._parser.set_dangerous_leniencies(lenient_chunked_length=True, lenient_keep_alive=True)
         self.response: Http1Response | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -183,6 +240,13 @@ class _Connection(asyncio.Protocol):
         self._head_only = False
         self._informational = False
         self._to_eof = False
+        self._must_close = False
+        self._fields = 0
+        """Header fields of the head (or trailer section) being read."""
+        self._head_size = 0
+        """Their bytes, as `MAX_HEAD_BYTES` counts them."""
+        self._head_bytes = 0
+        """Bytes received while the final head was incomplete."""
         self._last_data = 0.0
         self._read_timeout_s = 0.0
         self._deadline = 0.0
@@ -196,6 +260,8 @@ class _Connection(asyncio.Protocol):
         response = self.response = Http1Response(self)
         self._received = False
         self._head_only = head_only
+        self._must_close = False
+        self._fields = self._head_size = self._head_bytes = 0
         self._read_timeout_s = read_timeout_s
         self._deadline = deadline
         self._last_data = self._pool.loop.time()
@@ -226,26 +292,46 @@ class _Connection(asyncio.Protocol):
             # peer that never sends one would hold the socket for half a minute.
             self.transport.abort()
 
+    def _refused(self, what: str) -> UpstreamUnavailable:
+        return UpstreamUnavailable(f"upstream {self._pool.provider_id} {what}")
+
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:
+        response = self.response
+        if response is None:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
-        self._received = True
+        if not self._received:
+            # The answer's first byte. llhttp also takes `RTSP/` and `ICE/` status
+            # lines, which start otherwise; it skips empty lines before one.
+            first = data.lstrip(b"\r\n")[:1]
+            if first:
+                if first != b"H":
+                    self.close(self._refused("sent something other than an HTTP response"))
+                    return
+                self._received = True
         self._last_data = self._pool.loop.time()
         self._pool.events.connection = self
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.close(
-                UpstreamUnavailable(
-                    f"upstream {self._pool.provider_id} sent a malformed response ({exc})"
-                )
-            )
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            refusal = exc.__context__  # what a callback raised, if one did
+            if refusal is not None and not isinstance(refusal, UpstreamError):
+                self.close()
+                raise refusal from None  # a bug of ours: let asyncio report it
+            self.close(refusal or self._refused(f"sent a malformed response ({exc})"))
+            return
+        if not response.status and self.response is response:
+            # The head is still incomplete, so every byte of this read was part of
+            # it: a line that never ends is bounded here, not only at its end. Twice
+            # the limit, as the status line and interim heads count here too.
+            self._head_bytes += len(data)
+            if self._head_bytes > 2 * MAX_HEAD_BYTES:
+                self.close(self._refused(f"sent a response head over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -268,24 +354,50 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.response is None:
+            # In the same read as the previous answer: a pooled connection with
+            # bytes nobody asked for cannot be trusted with the next request.
+            raise self._refused("sent bytes after its response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        if (response := self.response) is not None:
-            response.raw_headers.append((name, value))
+        response = self.response
+        if response is None:
+            return
+        self._fields += 1
+        self._head_size += len(name) + len(value) + 4
+        if self._fields > MAX_HEADERS:
+            raise self._refused(f"sent more than {MAX_HEADERS} header fields")
+        if self._head_size > MAX_HEAD_BYTES:
+            raise self._refused(f"sent a response head over {MAX_HEAD_BYTES} bytes")
+        if not response.status:  # once the head is complete, a trailer: dropped
+            # llhttp keeps trailing whitespace, which is not part of a value.
+            response.raw_headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         response = self.response
         if response is None:
-            self.close()  # a response to no request
-            return
+            return  # the rest of a HEAD answer, closed already
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
-            self._informational = True  # e.g. 100 Continue: the real answer follows
-            response.raw_headers.clear()
+        headers = response.raw_headers
+        # The next head, or the trailer section, counts afresh.
+        self._fields = self._head_size = 0
+        if 100 <= status < 200 and status != 101:
+            # An interim answer, e.g. 100 Continue: the real one follows.
+            if any(_framing_name(name) for name, _ in headers):
+                raise self._refused(f"sent a body length on an interim {status} response")
+            self._informational = True
+            headers.clear()
             return
-        self._to_eof = status not in (204, 304) and not any(
-            name.lower() in (b"content-length", b"transfer-encoding")
-            for name, _ in response.raw_headers
+        if status == 101:
+            raise self._refused("switched protocols (101), which sluice never asks for")
+        if not 200 <= status <= 599:
+            raise self._refused(f"answered with status {status:03d}, outside 100-599")
+        self._to_eof, self._must_close, kept = _framing(
+            status, self._head_only, headers, self._pool.provider_id
         )
+        if kept is not None:
+            response.raw_headers = kept
         response._headers_arrived(status)
         if self._head_only:
             # The parser cannot be told a HEAD answer has no body; end it here and
@@ -311,7 +423,7 @@ class _Connection(asyncio.Protocol):
             return
         self.response = None
         response._finish()
-        if self._parser.should_keep_alive() and not self.closed:
+        if self._parser.should_keep_alive() and not self._must_close and not self.closed:
             self.drained()  # an idle connection must read, to see the upstream close it
             self._pool.release(self)
         else:
@@ -346,6 +458,7 @@ class _ParserEvents:
     def __init__(self) -> None:
         self.connection: _Connection | None = None
         # Plain functions stored on the instance: looking them up binds nothing.
+        self.on_message_begin = lambda: self._fed().on_message_begin()
         self.on_header = lambda name, value: self._fed().on_header(name, value)
         self.on_headers_complete = lambda: self._fed().on_headers_complete()
         self.on_body = lambda body: self._fed().on_body(body)
@@ -556,6 +669,66 @@ class Http1Transport:
         return origin, target.encode("latin-1")
 
 
+def _framing_name(name: bytes) -> bool:
+    """Whether `name` is Content-Length or Transfer-Encoding, in any case."""
+    return len(name) in _FRAMING_NAME_LENGTHS and name.lower() in (
+        b"content-length",
+        b"transfer-encoding",
+    )
+
+
+def _framing(
+    status: int, head_only: bool, headers: Headers, provider_id: str
+) -> tuple[bool, bool, Headers | None]:
+    """How a final response's body ends (RFC 9112 section 6.3), as (read until the
+    close, do not reuse the connection, the headers to expose when some must go, else
+    None). llhttp has framed the body already and checked each Content-Length; this
+    refuses what it would frame differently from the RFC or from h11, and works out
+    what llhttp does not tell: whether the body ends at the close."""
+    codings: list[bytes] | None = None
+    has_length = False
+    named: set[bytes] = set()
+    for name, value in headers:
+        if len(name) not in _FRAMING_NAME_LENGTHS:
+            continue
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            codings = codings or []
+            codings += [coding.strip().lower() for coding in value.split(b",")]
+        elif lower == b"content-length":
+            has_length = True
+        elif lower == b"connection":
+            named.update(option.strip().lower() for option in value.split(b","))
+    chunked = False
+    if codings is not None:
+        # llhttp takes `chunked` only as the last coding; one it cannot read (empty,
+        # quoted, with parameters) would make it read until the close where the RFC
+        # may mean chunked: refused rather than guessed.
+        if not all(_TOKEN.fullmatch(coding) for coding in codings):
+            raise UpstreamUnavailable(
+                f"upstream {provider_id} sent an unreadable Transfer-Encoding"
+            )
+        if b"chunked" in codings:
+            if codings.index(b"chunked") != len(codings) - 1:
+                raise UpstreamUnavailable(
+                    f"upstream {provider_id} sent a Transfer-Encoding with chunked not "
+                    "once and last"
+                )
+            chunked = True
+    no_body = head_only or status in (204, 304)
+    to_eof = not no_body and not chunked and (codings is not None or not has_length)
+    must_close = codings is not None and has_length
+    if has_length and (codings is not None or status in (204, 304)):
+        named.add(b"content-length")  # describes no body that is relayed
+    kept = None
+    if named:
+        # Connection-named headers describe this hop only (RFC 9110 section 7.6.1).
+        kept = [(name, value) for name, value in headers if name.lower() not in named]
+        if len(kept) == len(headers):
+            kept = None
+    return to_eof, must_close, kept
+
+
 def _origin(prefix: str, provider_id: str) -> Origin:
     parts = urlsplit(prefix)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -575,7 +748,9 @@ def _request_head(method: str, target: bytes, host: bytes, headers: Headers, bod
         lines.append(b"content-length: %d\r\n" % len(body))
     lines.append(b"\r\n")
     head = b"".join(lines)
-    if head.count(b"\n") != len(lines) + 1:  # the first item holds two lines
-        # A line break inside a value would let it smuggle headers or a request.
-        raise UpstreamUnavailable("a request header or the path contains a line break")
+    breaks = len(lines) + 1  # the first item holds two lines
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
+        # A line break inside a value would let it smuggle headers or a request; a
+        # bare CR is one to some servers, and a NUL ends a value to others.
+        raise UpstreamUnavailable("a request header or the path contains a CR, LF or NUL")
     return head
