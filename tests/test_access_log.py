@@ -92,3 +92,12 @@ def test_no_access_line_above_info() -> None:
     assert logs.access is not None
     logs.access.write(Record())
     assert out.getvalue() == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_log_that_cannot_be_written_fails_no_request() -> None:
+    out = io.StringIO()
+    logs.configure("console", "info", [], stream=out)
+    out.close()
+    assert logs.access is not None
+    logs.access.write(Record())  # no exception

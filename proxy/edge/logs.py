@@ -151,8 +151,11 @@ class AccessLog:
         line = self.line(record)
         handler = self._handler
         with handler.lock:  # type: ignore[union-attr]  # created in Handler.__init__
-            handler.stream.write(line)
-            handler.flush()
+            try:
+                handler.stream.write(line)
+                handler.flush()
+            except (OSError, ValueError):
+                pass  # as the stdlib handler does: a log that cannot be written fails no request
 
 
 access: AccessLog | None = None
