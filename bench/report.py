@@ -608,9 +608,10 @@ def results_markdown(run: Run) -> str:
         f"non-200 or truncated; *stalled* = not finished {p['grace_s']:g} s after its schedule "
         "ended; the proxy is restarted before each of these phases and RSS per open stream = "
         "(VmRSS once all streams flow − VmRSS after 5 warm-up streams) / streams open then.",
-        "- **sluice** runs `python -m proxy serve` with one unlimited provider and "
-        '`log_level = "warning"`; *limited provider* sets `limit = 10000` (never queues; '
-        'default cooldown); *access log on* uses `log_level = "info"`.',
+        "- **sluice** runs `python -m proxy serve` with one unlimited provider and the "
+        'default `log_level = "info"` (one access line per request, console format, to a '
+        "file); *limited provider* sets `limit = 10000` (never queues; default cooldown); "
+        '*access log off* uses `log_level = "warning"`.',
         "- **naive**: `bench/baselines/naive.py`, Starlette + httpx (default client limits: "
         "100 connections, 5 s pool timeout) under uvicorn with uvloop and httptools, access "
         "log off.",

@@ -199,7 +199,8 @@ def start_target(
             work / f"{spec.key}.toml",
             port,
             upstream_port,
-            log_level="info" if spec.key == "sluice_info" else "warning",
+            # The default (`info`: an access line per request), as users run it.
+            log_level="warning" if spec.key == "sluice_quiet" else "info",
             limit=10_000 if spec.key == "sluice_limited" else None,
         )
         command = pin + python("proxy", "serve", "--config", str(config))

@@ -99,7 +99,7 @@ def requests_for(route: Route) -> list[tuple[str, str]]:
 # --- the token guards every route ------------------------------------------------------------
 
 
-def test_every_route_but_healthz_needs_the_admin_token(secured: Server) -> None:
+def test_every_route_but_healthz_and_the_page_needs_the_admin_token(secured: Server) -> None:
     routes = app_routes()
     assert {route.path for route in routes} >= {"/healthz", "/metrics", "/concurrency/status"}
     wrong = [
@@ -117,6 +117,10 @@ def test_every_route_but_healthz_needs_the_admin_token(secured: Server) -> None:
             for method, path in requests_for(route):
                 if route.path == "/healthz":
                     assert client.request(method, path).status_code == 200
+                    continue
+                if route.path.startswith("/concurrency/ui"):
+                    # The operator's page: static files without data (SPEC 13).
+                    assert client.request(method, path).status_code in (200, 404)
                     continue
                 for headers in wrong:
                     refused = client.request(

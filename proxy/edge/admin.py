@@ -1,7 +1,8 @@
 """The operator's routes: `/concurrency/*`, `/healthz`, `/metrics`.
 
-Every route but `/healthz` requires the admin token when one is configured; the
-check wraps the whole route table, so a route added later cannot slip past it.
+Every route but `/healthz` and the operator's page (`/concurrency/ui`, static files
+that hold no data; `proxy.edge.ui`) requires the admin token when one is configured;
+the check wraps the whole route table, so a route added later cannot slip past it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 
 from proxy.admission import LimiterStatus
+from proxy.edge import ui
 from proxy.edge.metrics import CONTENT_TYPE
 from proxy.errors import StoreError
 from proxy.runtime.control import Control
@@ -26,7 +28,7 @@ from proxy.runtime.provider import Provider
 from proxy.runtime.seam import ClusterView
 from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/concurrency/ui", "/concurrency/ui/{name}"})
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -223,7 +225,10 @@ def routes(
         ("/concurrency/events", events, ["GET"]),
         ("/metrics", metrics, ["GET"]),
     ]
-    public: list[BaseRoute] = [Route("/healthz", guarded(healthz, public=True), methods=["GET"])]
+    public: list[BaseRoute] = [
+        Route("/healthz", guarded(healthz, public=True), methods=["GET"]),
+        *ui.routes(),
+    ]
     return public + [
         Route(path, guarded(endpoint), methods=methods) for path, endpoint, methods in table
     ]

@@ -8,7 +8,6 @@ client's disconnect, and the hot path should do no work it does not need.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,7 +16,9 @@ from typing import Any
 import structlog
 
 from proxy.admission import Rejection
+from proxy.edge import logs
 from proxy.edge.headers import MIN_EPOCH_MS, prompt_started_at_ms, retry_after_s
+from proxy.edge.metrics import Requests
 from proxy.edge.routing import Route
 from proxy.errors import (
     BodyTooLarge,
@@ -45,8 +46,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 log = structlog.get_logger("sluice")
-access_log = structlog.get_logger("sluice.access")
-_access_enabled = logging.getLogger("sluice.access").isEnabledFor
 
 
 class UpstreamCut(Exception):
@@ -132,6 +131,7 @@ class Exchange:
     __slots__ = (
         "bytes",
         "conversation_id",
+        "failure",
         "method",
         "path",
         "prompt_source",
@@ -143,7 +143,6 @@ class Exchange:
         "status",
         "upstream_ms",
     )
-    _LOGGED = tuple(name for name in __slots__ if name not in ("sent_at", "started"))
 
     def __init__(self, provider: str, method: str, path: str) -> None:
         self.provider = provider
@@ -158,17 +157,16 @@ class Exchange:
         self.prompt_source: str | None = None  # header, agent, derived or arrival
         self.started = False
         self.sent_at = 0.0  # perf_counter() when the request went upstream
-
-    def log_fields(self) -> dict[str, object]:
-        return {name: getattr(self, name) for name in self._LOGGED}
+        self.failure: str | None = None  # the code of the HTTPError that ended it, if any
 
 
 class Relay:
     """Forwards one proxied request; `app.py` routes here."""
 
-    def __init__(self, max_body_bytes: int) -> None:
+    def __init__(self, max_body_bytes: int, requests: Requests | None = None) -> None:
         self.max_body_bytes = max_body_bytes
         self.prompts: PromptTimes | None = None  # set at start (app.py)
+        self.requests = requests if requests is not None else Requests()
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, route: Route[Provider]
@@ -210,6 +208,7 @@ class Relay:
         except ClientGone:
             ex.status = 499
         except HTTPError as err:
+            ex.failure = err.code
             if ex.started:
                 log.warning("upstream failed mid-response", provider=provider.id, error=err.message)
                 raise UpstreamCut(err.message) from err
@@ -232,8 +231,12 @@ class Relay:
                 watch.close()
             if slot is not None:
                 slot.release()
-            if _access_enabled(logging.INFO):
-                access_log.info("request", **ex.log_fields())
+            # The operator's view: the request's outcome in the metrics, its access line.
+            gone = watch is not None and watch.gone
+            limiter_saw_429 = slot is not None and provider.admission.limit is not None
+            self.requests.finished(ex, gone, limiter_saw_429)
+            if logs.access is not None:
+                logs.access.write(ex)
 
     async def _admit(
         self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
