@@ -60,6 +60,11 @@ class _LimiterCollector(Collector):
             "auto_reductions": CounterMetricFamily(
                 "sluice_auto_reductions", "Limit reductions after a 429", labels=["provider"]
             ),
+            "auto_restores": CounterMetricFamily(
+                "sluice_auto_restores",
+                "Restore steps of an auto-reduced limit (restore_after_s)",
+                labels=["provider"],
+            ),
             "slots_reclaimed": CounterMetricFamily(
                 "sluice_watchdog_reclaims", "Slots reclaimed by the watchdog", labels=["provider"]
             ),
@@ -90,6 +95,7 @@ class _LimiterCollector(Collector):
             counters["admitted"].add_metric(pid, c.admitted)
             counters["rate_limited"].add_metric(pid, c.rate_limited)
             counters["auto_reductions"].add_metric(pid, c.auto_reductions)
+            counters["auto_restores"].add_metric(pid, c.auto_restores)
             counters["slots_reclaimed"].add_metric(pid, c.slots_reclaimed)
             polls.add_metric([*pid, "room"], c.usage_polls_room)
             polls.add_metric([*pid, "full"], c.usage_polls_full)
