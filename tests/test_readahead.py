@@ -98,3 +98,18 @@ async def test_aclose_with_a_read_still_running_cancels_it_and_closes_the_respon
     assert pending.cancelled()
     assert upstream.closed
     await ahead.aclose()  # twice is harmless
+
+
+async def test_a_cancelled_read_ahead_leaves_no_read_running() -> None:
+    upstream = Trickle()
+    ahead = ReadAhead(upstream)
+    task = asyncio.create_task(ahead.read_head(1000, 10.0))
+    await asyncio.sleep(0.02)
+    pending = ahead._next
+    assert pending is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert pending.cancelled()
+    assert ahead._next is None

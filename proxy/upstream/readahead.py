@@ -48,15 +48,24 @@ class ReadAhead:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         size = 0
-        while size < limit and not self._ended and self._error is None:
-            if self._next is None:
-                self._next = asyncio.ensure_future(anext(self._rest))
-            done, _ = await asyncio.wait((self._next,), timeout=max(0.0, deadline - loop.time()))
-            if not done:
-                break  # slow: judge what came; the read goes on for the replay
-            if chunk := self._take():
-                self._head.append(chunk)
-                size += len(chunk)
+        try:
+            while size < limit and not self._ended and self._error is None:
+                if self._next is None:
+                    self._next = asyncio.ensure_future(anext(self._rest))
+                left = max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait((self._next,), timeout=left)
+                if not done:
+                    break  # slow: judge what came; the read goes on for the replay
+                if chunk := self._take():
+                    self._head.append(chunk)
+                    size += len(chunk)
+        except BaseException:
+            # Cancelled (the client left): nobody will replay, and a read left running
+            # would outlive the response.
+            if self._next is not None:
+                self._next.cancel()
+                self._next = None
+            raise
         return b"".join(self._head)[:limit]
 
     def _take(self) -> bytes:
