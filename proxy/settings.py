@@ -34,6 +34,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from proxy.admission import Policy
+from proxy.admission.reduce import ReduceRule
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "SLUICE_"
@@ -105,12 +106,26 @@ class AdmissionSettings(_Section):
     retry_on_429: Count | None = None
     admitted_paths: tuple[str, ...] | None = None
     derive_prompt_start: bool | None = None
+    reduce_on_429: ReduceRule | None = None
+    reduce_on_429_match: str | None = None
+    restore_after_s: NonNegativeSeconds | None = None
 
     @model_validator(mode="after")
     def _paths_are_absolute(self) -> Self:
         for path in self.admitted_paths or ():
             if not path.startswith("/"):
                 raise ValueError(f"admitted_paths: {path!r} must start with '/'")
+        return self
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> Self:
+        if self.reduce_on_429_match:
+            try:
+                re.compile(self.reduce_on_429_match)
+            except re.error as exc:
+                raise ValueError(
+                    f"reduce_on_429_match: not a valid Python regular expression ({exc})"
+                ) from None
         return self
 
     def overrides(self) -> dict[str, Any]:
@@ -198,6 +213,18 @@ class Settings(BaseSettings):
         defaults = [p.id for p in self.providers if p.default]
         if len(defaults) > 1:
             raise ValueError(f"providers: more than one default provider ({', '.join(defaults)})")
+        common = self.admission
+        for i, p in enumerate(self.providers):
+            # Either key may come from [admission] or the provider: judge the pair resolved.
+            rule = p.reduce_on_429 or common.reduce_on_429
+            pattern = p.reduce_on_429_match
+            if pattern is None:
+                pattern = common.reduce_on_429_match
+            if rule == "match" and not pattern:
+                raise ValueError(
+                    f"providers[{i}].reduce_on_429_match: must be a non-empty regular "
+                    f'expression when reduce_on_429 = "match"'
+                )
         return self
 
 

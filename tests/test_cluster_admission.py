@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.admission import LimiterEvent, Policy, Rejection
+from proxy.admission.reduce import Answer
 from proxy.cluster.admission import ClusterAdmission, ClusterSlot
 from proxy.cluster.hub import ClusterHub
 from proxy.settings import ClusterSettings, ProviderConfig
@@ -311,3 +312,50 @@ async def test_a_flushed_redis_is_seeded_again_from_a_replicas_view(url: str) ->
         held.release()
         other.release()
         await eventually(lambda: _in_flight(a, 0))
+
+
+async def test_restore_happens_once_for_three_replicas(url: str) -> None:
+    """Reduced 3 -> 2, every slot busy: after restore_after_s one replica steps the
+    shared limit up, once; all three see it."""
+    async with replicas(url, 3, limit=3, restore_after_s=0.5, pause_s=0) as nodes:
+        first = await slot(nodes[0], 0)
+        await nodes[0].admission.on_rate_limited(first, 0.0)
+        assert nodes[0].admission.limit == 2
+        held = [await slot(nodes[1], 1), await slot(nodes[2], 2)]  # all busy, across replicas
+        started = time.monotonic()
+        await eventually(lambda: all(node.admission.limit == 3 for node in nodes), within=5)
+        assert time.monotonic() - started >= 0.5 - 0.05
+        steps = [e for node in nodes for e in node.events if e.kind == "limit_restored"]
+        assert len(steps) == 1
+        assert steps[0].detail == (
+            "limit 2 -> 3 after 0.5 s without a 429 while busy; "
+            "the limit before the reductions is back"
+        )
+        status = await nodes[2].admission.status()
+        assert (status.auto_reduced, status.auto_reduced_from, status.notice) == (
+            False,
+            None,
+            None,
+        )
+        await asyncio.sleep(1.0)  # nothing more to restore: no second step anywhere
+        assert sum(node.kinds().count("limit_restored") for node in nodes) == 1
+        for held_slot in held:
+            held_slot.release()
+
+
+async def test_a_non_matching_429_pauses_every_replica_without_lowering_the_limit(
+    url: str,
+) -> None:
+    async with replicas(
+        url, 2, limit=3, reduce_on_429="match", reduce_on_429_match="concurrency"
+    ) as (a, b):
+        held = await slot(a, 0)
+        tokens = Answer((("retry-after", "1"),), b'{"error": {"code": "rate_limit_exceeded"}}')
+        await a.admission.on_rate_limited(held, 1.0, tokens)
+        status = await b.admission.status()
+        assert status.paused
+        assert (status.limit, status.auto_reduced) == (3, False)
+        assert a.kinds() == ["rate_limited", "paused"]
+        assert (
+            a.events[0].detail == "429 from upstream (limit kept: no match for reduce_on_429_match)"
+        )

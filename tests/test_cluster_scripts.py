@@ -367,3 +367,117 @@ async def test_rejoin_seeds_a_lost_state_registers_held_slots_and_drops_stale_on
     assert (state.limit, state.auto_reduced, state.auto_reduced_from) == (3, True, 4)
     assert replicas == 1
     assert (await a.status()).running == 1
+
+
+# --- reduce_on_429 and restore ---------------------------------------------------------
+
+RESTORE_MS = 300
+
+
+async def restore(s: Scripts) -> Reply:
+    return await s.restore(RESTORE_MS, lock_ms=1_000, max_gap_ms=1_000)
+
+
+async def reduced_to_3_of_4(a: Scripts) -> Shared:
+    """Limit 4, one reducing 429: 3, auto-reduced from 4; no pause."""
+    state = await start(a, 4)
+    lease = (await admit(a, 0, "429")).detail
+    return (await rate_limited(a, lease, state.epoch, 0)).state
+
+
+async def test_a_429_that_may_not_reduce_pauses_and_keeps_the_limit(client: Redis) -> None:
+    a = replica(client, "a")
+    state = await start(a, 4)
+    lease = (await admit(a, 1, "1")).detail
+    reply = await a.rate_limited(
+        lease, state.epoch, 2_000, gated=False, poll_lock_ms=POLL_LOCK_MS, reduce=False
+    )
+    assert reply.detail.split()[:2] == ["1", "0"]  # paused, not reduced
+    assert reply.state.paused_ms > 1_500
+    assert (reply.state.limit, reply.state.auto_reduced) == (4, False)
+
+
+async def test_restore_steps_up_after_a_window_of_demand_and_only_for_the_lock_holder(
+    client: Redis,
+) -> None:
+    a, b = replica(client, "a"), replica(client, "b")
+    await reduced_to_3_of_4(a)
+    for i in range(3):
+        assert (await admit(b, i, f"busy{i}")).kind == "admitted"  # every slot in use
+    assert (await restore(a)).kind == "waiting"  # a takes the lock: the first sample
+    assert (await restore(b)).kind == "other"
+    await asyncio.sleep(RESTORE_MS / 1000 / 2)
+    waiting = await restore(a)
+    assert waiting.kind == "waiting"
+    assert RESTORE_MS / 3 <= int(waiting.detail.split()[0]) < RESTORE_MS
+    await asyncio.sleep(RESTORE_MS / 1000 / 2 + 0.05)
+    assert (await restore(b)).kind == "other"  # the holder alone sums and steps
+    done = await restore(a)
+    assert done.kind == "restored"
+    assert done.detail == f"3 4 {RESTORE_MS} 1"  # back at the limit before the reductions
+    assert (done.state.limit, done.state.auto_reduced, done.state.auto_reduced_from) == (
+        4,
+        False,
+        None,
+    )
+    assert (await restore(a)).kind == "idle"
+
+
+async def test_restore_without_demand_never_steps_up(client: Redis) -> None:
+    a = replica(client, "a")
+    await reduced_to_3_of_4(a)
+    for _ in range(4):
+        assert (await restore(a)).kind == "waiting"
+        await asyncio.sleep(RESTORE_MS / 1000 / 2)
+    assert (await restore(a)).state.limit == 3
+
+
+async def rate_limited_after_step(s: Scripts, lease: str) -> Reply:
+    """A 429 for `lease`, admitted at epoch 0 (before every limit change here)."""
+    return await s.rate_limited(
+        lease,
+        0,
+        0,
+        gated=False,
+        poll_lock_ms=POLL_LOCK_MS,
+        restore_ms=RESTORE_MS,
+        restore_max_ms=16 * RESTORE_MS,
+    )
+
+
+async def stepped_up_to_4(a: Scripts) -> list[str]:
+    """Reduced to 3, every slot busy for a window: back at 4. The three leases."""
+    await reduced_to_3_of_4(a)
+    leases = [(await admit(a, i, f"busy{i}")).detail for i in range(3)]
+    await restore(a)
+    await asyncio.sleep(RESTORE_MS / 1000 + 0.05)
+    assert (await restore(a)).kind == "restored"
+    return leases
+
+
+async def test_a_429_within_a_window_of_a_step_up_undoes_it_and_doubles_the_window(
+    client: Redis,
+) -> None:
+    a = replica(client, "a")
+    leases = await stepped_up_to_4(a)
+    # Admitted before the step (an older epoch), yet it undoes the step; once only.
+    undo = await rate_limited_after_step(a, leases[0])
+    assert undo.detail.split() == ["1", "1", "4", str(RESTORE_MS)]
+    assert (undo.state.limit, undo.state.auto_reduced_from) == (3, 4)
+    again = await rate_limited_after_step(a, leases[1])
+    assert again.detail.split()[1:] == ["0", "3", "-1"]
+    waiting = await restore(a)
+    assert waiting.kind == "waiting"
+    assert waiting.detail.split()[1] == str(2 * RESTORE_MS)
+
+
+async def test_a_manual_limit_starts_restore_over(client: Redis) -> None:
+    a = replica(client, "a")
+    leases = await stepped_up_to_4(a)
+    await rate_limited_after_step(a, leases[0])  # undone: the window doubled
+    await restore(a)
+    fields = set(await client.hgetall(keys_for("p")[0]))
+    assert {"restore_window", "restore_tick"} <= fields
+    await a.set_limit(4)
+    fields = set(await client.hgetall(keys_for("p")[0]))
+    assert not {"restore_window", "restore_quiet", "restore_tick", "raised_at"} & fields

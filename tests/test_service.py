@@ -128,6 +128,7 @@ def test_metrics_move_as_requests_flow_queue_and_finish(keyed_proxy: Server) -> 
         "sluice_paused",
         "sluice_upstream_429_total",
         "sluice_auto_reductions_total",
+        "sluice_auto_restores_total",
         "sluice_watchdog_reclaims_total",
         "sluice_usage_polls_total",
     ):

@@ -73,6 +73,9 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
         "retry_on_429": 2,
         "admitted_paths": ["/chat/completions", "/completions", "/responses", "/messages"],
         "derive_prompt_start": True,
+        "reduce_on_429": "always",
+        "reduce_on_429_match": "",
+        "restore_after_s": 0,
         "prompt_memory_s": 86_400,
     },
     "cluster": {"redis_url": "", "lease_s": 15, "instance_id": ""},
@@ -95,6 +98,9 @@ PROVIDER_DEFAULTS: dict[str, Any] = {
     "retry_on_429": None,
     "admitted_paths": None,
     "derive_prompt_start": None,
+    "reduce_on_429": None,
+    "reduce_on_429_match": None,
+    "restore_after_s": None,
 }
 
 # Every key set to a value that is not its default.
@@ -123,6 +129,9 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "retry_on_429": 5,
         "admitted_paths": ["/chat/completions", "/embeddings"],
         "derive_prompt_start": False,
+        "reduce_on_429": "never",  # "match" needs a pattern: set alone it is an error
+        "reduce_on_429_match": "concurren(t|cy)",
+        "restore_after_s": 300.5,
         "prompt_memory_s": 3600.5,
     },
     "cluster": {
@@ -150,6 +159,9 @@ NON_DEFAULT_PROVIDER: dict[str, Any] = {
     "retry_on_429": 0,
     "admitted_paths": ["/responses"],
     "derive_prompt_start": False,
+    "reduce_on_429": "never",
+    "reduce_on_429_match": "^x-ratelimit-scope: concurrent$",
+    "restore_after_s": 0,
 }
 # `api_key` excludes `api_key_env`, so it gets a provider of its own.
 KEYED_PROVIDER: dict[str, Any] = {
@@ -611,6 +623,24 @@ ERROR_CASES = [
         id="zero-poll",
     ),
     pytest.param(
+        "[admission]\nreduce_on_429 = 'sometimes'\n" + PROVIDER_TOML,
+        {},
+        "admission.reduce_on_429",
+        id="unknown-reduce-rule",
+    ),
+    pytest.param(
+        "[admission]\nreduce_on_429_match = 'concurren(t'\n" + PROVIDER_TOML,
+        {},
+        "admission.reduce_on_429_match",
+        id="bad-regex",
+    ),
+    pytest.param(
+        "[admission]\nrestore_after_s = -1\n" + PROVIDER_TOML,
+        {},
+        "admission.restore_after_s",
+        id="negative-restore",
+    ),
+    pytest.param(
         "[cluster]\nlease_s = 0\n" + PROVIDER_TOML, {}, "cluster.lease_s", id="zero-lease"
     ),
     pytest.param(PROVIDER_TOML + "limit = 0\n", {}, "providers[0].limit", id="limit-0"),
@@ -701,6 +731,37 @@ def test_config_error_is_one_line_naming_the_key(
         monkeypatch.setenv(name, value)
     with one_line_error(key):
         load_text(tmp_path, text)
+
+
+def test_a_bad_regex_is_one_line_naming_the_provider_key(tmp_path: Path) -> None:
+    with one_line_error("providers[0].reduce_on_429_match", "regular expression"):
+        load_text(tmp_path, PROVIDER_TOML + "reduce_on_429_match = '[a-'\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(PROVIDER_TOML + "reduce_on_429 = 'match'\n", id="provider"),
+        pytest.param("[admission]\nreduce_on_429 = 'match'\n" + PROVIDER_TOML, id="admission"),
+        pytest.param(
+            "[admission]\nreduce_on_429 = 'match'\nreduce_on_429_match = 'x'\n"
+            + PROVIDER_TOML
+            + "reduce_on_429_match = ''\n",
+            id="emptied-by-the-provider",
+        ),
+    ],
+)
+def test_match_without_a_pattern_is_an_error(tmp_path: Path, text: str) -> None:
+    with one_line_error("providers[0].reduce_on_429_match", '"match"'):
+        load_text(tmp_path, text)
+
+
+def test_match_and_its_pattern_may_come_from_different_tables(tmp_path: Path) -> None:
+    text = "[admission]\nreduce_on_429 = 'match'\n" + PROVIDER_TOML
+    text += "reduce_on_429_match = 'concurrency'\n"
+    (resolved,) = resolve_providers(load_text(tmp_path, text))
+    policy = resolved.policy
+    assert (policy.reduce_on_429, policy.reduce_on_429_match) == ("match", "concurrency")
 
 
 def test_provider_admitted_paths_must_be_absolute(tmp_path: Path) -> None:

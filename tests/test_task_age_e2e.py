@@ -24,7 +24,9 @@ from tests.servers import Server
 from tests.waiting import eventually
 
 PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
-HOLD = {"x-prompt-started-at": "1795830000000", "x-sim-tokens": "40"}
+# Holds the only slot for 1.5 s: time enough, even on a loaded machine, for two more
+# requests to arrive and queue behind it (the test waits until they have).
+HOLD = {"x-prompt-started-at": "1795830000000", "x-sim-tokens": "30", "x-sim-token-delay-ms": "50"}
 
 
 def first_turn(dialect: str, task: str) -> dict[str, Any]:

@@ -9,16 +9,22 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
-EventKind = Literal["rate_limited", "paused", "limit_reduced", "slot_reclaimed"]
+EventKind = Literal["rate_limited", "paused", "limit_reduced", "limit_restored", "slot_reclaimed"]
 
 NOTICE: Final = (
     "Concurrency limit auto-reduced to {limit} after a 429 — restore manually when ready."
 )
 
 
+RESTORE_WINDOW_MAX_FACTOR: Final = 16
+"""A raise undone by a 429 doubles the restore window, up to this many times
+`restore_after_s`."""
+
+
 @dataclass(frozen=True)
 class LimiterEvent:
-    """Something an operator should be able to read back: a 429, a reduction, a reclaim."""
+    """Something an operator should be able to read back: a 429, a reduction, a
+    restore step, a reclaim."""
 
     kind: EventKind
     detail: str
@@ -32,6 +38,7 @@ class LimiterCounters:
     admitted: int = 0
     rate_limited: int = 0
     auto_reductions: int = 0
+    auto_restores: int = 0
     slots_reclaimed: int = 0
     usage_polls_room: int = 0
     usage_polls_full: int = 0
@@ -43,6 +50,8 @@ class LimiterCounters:
             self.rate_limited += 1
         elif event.kind == "limit_reduced":
             self.auto_reductions += 1
+        elif event.kind == "limit_restored":
+            self.auto_restores += 1
         elif event.kind == "slot_reclaimed":
             self.slots_reclaimed += 1
 
@@ -59,16 +68,39 @@ def retry_after_s(pause_left_s: float) -> int:
     return max(1, math.ceil(pause_left_s)) if pause_left_s > 0 else 1
 
 
-def rate_limited(conversation_id: str | None) -> LimiterEvent:
-    return LimiterEvent("rate_limited", "429 from upstream" + _conversation(conversation_id))
+def next_restore_window(window_s: float, restore_after_s: float) -> float:
+    """The restore window after a raise was undone: doubled, at most
+    `RESTORE_WINDOW_MAX_FACTOR` times the configured one."""
+    return min(window_s * 2, restore_after_s * RESTORE_WINDOW_MAX_FACTOR)
+
+
+def rate_limited(conversation_id: str | None, rule: str = "") -> LimiterEvent:
+    """`rule`: which `reduce_on_429` rule applied (a `Verdict.note`), if not "always"."""
+    note = f" ({rule})" if rule else ""
+    return LimiterEvent("rate_limited", "429 from upstream" + note + _conversation(conversation_id))
 
 
 def paused(delay_s: float) -> LimiterEvent:
     return LimiterEvent("paused", f"queue paused for {delay_s:g} s")
 
 
-def limit_reduced(before: int | str, after: int | None) -> LimiterEvent:
-    return LimiterEvent("limit_reduced", f"limit {before} -> {after} after a 429")
+def limit_reduced(
+    before: int | str, after: int | None, *, undone_window_s: float | None = None
+) -> LimiterEvent:
+    """`undone_window_s`: the 429 came within that window of a restore step, which this
+    reduction undoes (the next window is longer)."""
+    detail = f"limit {before} -> {after} after a 429"
+    if undone_window_s is not None:
+        detail += f" within {undone_window_s:g} s of a restore step: the step is undone"
+    return LimiterEvent("limit_reduced", detail)
+
+
+def limit_restored(before: int, after: int, window_s: float, *, back: bool) -> LimiterEvent:
+    """One restore step; `back`: the limit before the reductions is reached again."""
+    detail = f"limit {before} -> {after} after {window_s:g} s without a 429 while busy"
+    if back:
+        detail += "; the limit before the reductions is back"
+    return LimiterEvent("limit_restored", detail)
 
 
 def slot_reclaimed(held_ms: int, conversation_id: str | None) -> LimiterEvent:

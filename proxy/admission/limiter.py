@@ -1,5 +1,5 @@
 """One provider's slot limiter: fast path, priority queue, cooldown, pause, usage gate,
-watchdog and the adaptive limit (docs/design.md, "The admission core").
+watchdog, the adaptive limit and its restore (docs/design.md, "The admission core").
 
 Everything that decides who goes next lives here and nowhere else. The limiter
 never reads the wall clock, never sleeps and never touches the network: time comes
@@ -11,9 +11,20 @@ A slot is *in use* from admission until its permit is released plus `cooldown_ms
 (the upstream counts a finished generation for a while). `in_flight` in the status
 is running permits plus cooling slots.
 
-Timers: at most one each for cooldown expiry, pause end, usage re-poll and the
-watchdog, re-armed as needed; plus one per waiter for `queue_timeout_s` (a cheap
-heap entry in the event loop, not a task).
+Timers: at most one each for cooldown expiry, pause end, usage re-poll, the
+watchdog and the next restore step, re-armed as needed; plus one per waiter for
+`queue_timeout_s` (a cheap heap entry in the event loop, not a task).
+
+Restore (`restore_after_s` > 0). An auto-reduced limit goes back up one step at a
+time, each after `restore_after_s` of *demand* without a 429: time during which
+requests wait, or every slot is in use, while not paused. Demand time is summed on
+the injected clock from the last 429 or the last step up; time without demand does
+not count (an idle provider proves nothing about the upstream's cap), nor does a
+pause. A reducing 429 within one window of a step up is that step failing: its
+reduction undoes the step and the window doubles (up to
+`events.RESTORE_WINDOW_MAX_FACTOR` times `restore_after_s`). The limit never rises
+above `auto_reduced_from`; reaching it clears the auto-reduce state. A manual limit
+starts over: configured window, nothing summed.
 """
 
 from __future__ import annotations
@@ -27,10 +38,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from proxy.admission import events
+from proxy.admission import events, reduce
 from proxy.admission.clock import Clock, Scheduler, Timer
 from proxy.admission.events import LimiterCounters, LimiterEvent
 from proxy.admission.queue import WaitQueue
+from proxy.admission.reduce import Answer, ReduceRule
 
 UsagePoll = Callable[[Callable[[int | None], None]], None]
 """`poll(done)` starts a poll of the upstream's `/usage` and later calls
@@ -52,6 +64,9 @@ class Policy:
     queue_timeout_s: float = 600.0
     max_queue: int = 10_000
     usage_gate: bool = False
+    reduce_on_429: ReduceRule = "always"
+    reduce_on_429_match: str = ""
+    restore_after_s: float = 0.0  # 0: an auto-reduced limit is restored manually
     # Read by the edge, not the limiter.
     retry_on_429: int = 2
     admitted_paths: tuple[str, ...] = (
@@ -226,6 +241,12 @@ class Limiter:
         self.upstream_sessions: int | None = None
         self.counters = LimiterCounters()
 
+        # Restore (see the module docstring).
+        self._restore_window_s = policy.restore_after_s
+        self._demand_s = 0.0  # demand summed since the last 429 or step up ...
+        self._demand_since: float | None = None  # ... plus the stretch running since then
+        self._raised_at: float | None = None  # the last step up, until a 429 undoes it
+
         self._gate = _Gate.CLOSED
         self._polling = False
         self._pumping = False
@@ -276,9 +297,14 @@ class Limiter:
         return self.policy.limit
 
     def set_limit(self, limit: int | None) -> None:
-        """A manual change (admin API or restored state): clears the auto-reduce state."""
+        """A manual change (admin API or restored state): clears the auto-reduce state
+        and starts restore over (the configured window, no demand summed)."""
         self.auto_reduced = False
         self.auto_reduced_from = None
+        self._restore_window_s = self.policy.restore_after_s
+        self._demand_s = 0.0
+        self._demand_since = None
+        self._raised_at = None
         self._change_limit(limit)
 
     def restore_auto_reduced(self, limit: int, auto_reduced_from: int | None) -> None:
@@ -286,6 +312,7 @@ class Limiter:
         self._change_limit(limit)
         self.auto_reduced = True
         self.auto_reduced_from = auto_reduced_from
+        self._note_demand(self._clock())
 
     def set_cooldown_ms(self, cooldown_ms: int) -> None:
         """Applies to slots released from now on; slots already cooling keep their time."""
@@ -304,26 +331,53 @@ class Limiter:
 
     # -------------------------------------------------------------------- 429
 
-    def on_rate_limited(self, permit: Permit, retry_after_s: float | None) -> None:
+    def on_rate_limited(
+        self, permit: Permit, retry_after_s: float | None, answer: Answer | None = None
+    ) -> None:
         """The upstream answered 429 to `permit`'s request: pause, maybe reduce, release.
 
-        A 429 for a request admitted before the last limit change is the same
-        overshoot that change already answered, so it extends the pause but does not
-        lower the limit again (concurrent 429s cost one step, not one step each).
+        Every 429 pauses and starts the restore window over; `reduce_on_429` judges
+        from `answer` whether it may also lower the limit. A 429 for a request
+        admitted before the last limit change is the same overshoot that change
+        already answered, so it extends the pause but does not lower the limit again
+        (concurrent 429s cost one step, not one step each) - except the first
+        reducing 429 within one window of a restore step: its reduction undoes the
+        step, whenever its request was admitted.
         """
         now = self._clock()
-        delay = self.policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
-        self._emit(events.rate_limited(permit.conversation_id))
+        policy = self.policy
+        delay = policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
+        verdict = reduce.judge(policy.reduce_on_429, policy.reduce_on_429_match, answer)
+        self._emit(events.rate_limited(permit.conversation_id, verdict.note))
         if now + delay > self._paused_until:  # a new 429 extends a pause, never shortens it
             self._paused_until = now + delay
             self._emit(events.paused(delay))
-        limit = self.policy.limit
-        if limit is not None and limit > 1 and permit.limit_epoch == self._limit_epoch:
+        self._demand_s = 0.0  # "without a 429": the quiet window starts over
+        self._demand_since = None
+        undo = (
+            verdict.reduce
+            and self._raised_at is not None
+            and now - self._raised_at <= self._restore_window_s
+        )
+        limit = policy.limit
+        if (
+            verdict.reduce
+            and limit is not None
+            and limit > 1
+            and (undo or permit.limit_epoch == self._limit_epoch)
+        ):
+            undone_window_s = None
+            if undo:
+                undone_window_s = self._restore_window_s
+                self._raised_at = None
+                self._restore_window_s = events.next_restore_window(
+                    self._restore_window_s, policy.restore_after_s
+                )
             if not self.auto_reduced:
                 self.auto_reduced_from = limit
             self.auto_reduced = True
             self._change_limit(limit - 1)  # the pause is in force: this admits nobody
-            self._emit(events.limit_reduced(limit, limit - 1))
+            self._emit(events.limit_reduced(limit, limit - 1, undone_window_s=undone_window_s))
         # Release last: the pause must already be in force, or the freed slot
         # would go straight to the next waiter.
         permit.release()
@@ -378,6 +432,8 @@ class Limiter:
         self._running[seq] = permit
         self.counters.admitted += 1
         self._arm_watchdog(now)
+        if self._restore_window_s > 0:
+            self._note_demand(now)  # the fast path's admission may fill the last slot
         return permit
 
     def _arm_watchdog(self, now: float) -> None:
@@ -445,6 +501,8 @@ class Limiter:
             while self._pump_again:
                 self._pump_again = False
                 self._pump_once()
+            if self._restore_window_s > 0:
+                self._note_demand(self._clock())
         finally:
             self._pumping = False
 
@@ -540,6 +598,67 @@ class Limiter:
             self._release(permit)
         if self._running:
             self._arm("watchdog", now + self.policy.watchdog_interval_s, self._watchdog)
+
+    # ------------------------------------------------------------------- restore
+
+    def _restorable(self) -> bool:
+        limit = self.policy.limit
+        target = self.auto_reduced_from
+        return (
+            self._restore_window_s > 0
+            and self.auto_reduced
+            and limit is not None
+            and target is not None
+            and limit < target
+        )
+
+    def _note_demand(self, now: float) -> None:
+        """Sum demand time and keep the one restore timer at the moment the window
+        fills, if demand lasts. Called after every change that can start or end
+        demand: each pump, and each admission (the fast path does not pump)."""
+        if not self._restorable():
+            self._demand_since = None
+            self._disarm("restore")
+            return
+        demand = bool(self._queue) or self._free_slots(now) <= 0
+        if demand:
+            if self._demand_since is None:
+                # Paused (just after a 429), demand counts from the pause's end.
+                self._demand_since = max(now, self._paused_until)
+        elif self._demand_since is not None:
+            self._demand_s += max(0.0, now - self._demand_since)
+            self._demand_since = None
+        if self._demand_since is None:
+            self._disarm("restore")
+        else:
+            due = self._demand_since + self._restore_window_s - self._demand_s
+            self._arm("restore", due, self._on_restore)
+
+    def _on_restore(self) -> None:
+        """The window filled with demand and no 429: one step up."""
+        self._timers.pop("restore", None)
+        now = self._clock()
+        since = self._demand_since
+        demand_s = self._demand_s + (max(0.0, now - since) if since is not None else 0.0)
+        limit = self.policy.limit
+        target = self.auto_reduced_from
+        if (
+            limit is None
+            or target is None
+            or not self._restorable()
+            or demand_s < self._restore_window_s - 1e-9
+        ):
+            self._note_demand(now)
+            return
+        back = limit + 1 >= target
+        self._raised_at = now
+        self._demand_s = 0.0
+        self._demand_since = None
+        if back:
+            self.auto_reduced = False
+            self.auto_reduced_from = None
+        self._change_limit(limit + 1)  # wakes a waiter into the new slot
+        self._emit(events.limit_restored(limit, limit + 1, self._restore_window_s, back=back))
 
     # -------------------------------------------------------------------- timers
 

@@ -20,6 +20,14 @@ Races worth knowing:
   the grant finds it gone and hands the slot straight back.
 - A slot is released in Redis by a task; if that call fails the lease simply expires
   (`lease_s`), or the rejoin after an outage drops it.
+
+Restore (`restore_after_s` > 0): while the shared state is auto-reduced, every replica
+runs the `restore` script every `RESTORE_TICK_S` (or a tenth of the window); the one
+holding the restore lock (`SET NX PX`, passed on if it stops renewing it) samples the
+shared census for demand, sums it and steps the shared limit up. So the limit rises
+once for the cluster; the others see it through the state published on the channel.
+Demand is sampled, not followed event by event as the single-process limiter does:
+off by at most a tick per window.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import structlog
 
 from proxy.admission import LimiterCounters, LimiterEvent, LimiterStatus, Permit, Rejection, events
 from proxy.admission.limiter import Waiter
+from proxy.admission.reduce import Answer, judge
 from proxy.cluster.fallback import LocalShare, release_local, share
 from proxy.cluster.hub import ClusterHub
 from proxy.cluster.scripts import NoState, RedisDown, Reply, Scripts, Shared, owner
@@ -54,6 +63,12 @@ RECHECK_S: Final = 1.0
 
 MAX_TIES: Final = 4096
 """Global tie numbers remembered for requests that may come back after a 429."""
+
+RESTORE_TICK_S: Final = 1.0
+"""How often replicas run the restore script while the shared limit is auto-reduced
+(a tenth of `restore_after_s` when that is shorter, never under `MIN_RESTORE_TICK_S`)."""
+
+MIN_RESTORE_TICK_S: Final = 0.05
 
 
 class ClusterSlot:
@@ -206,6 +221,11 @@ class ClusterAdmission:
         )
         self._last = self._empty_status()
         self._view = ClusterView("redis", hub.instance_id, 0, None, ())
+        restore_s = config.policy.restore_after_s
+        self._restore_ms = round(restore_s * 1000)
+        self._restore_max_ms = round(restore_s * events.RESTORE_WINDOW_MAX_FACTOR * 1000)
+        self._restore_tick_s = max(MIN_RESTORE_TICK_S, min(RESTORE_TICK_S, restore_s / 10))
+        self._restore_timer: asyncio.TimerHandle | None = None
         hub.register(self)
 
     # ------------------------------------------------------------ Admission
@@ -257,19 +277,23 @@ class ClusterAdmission:
         finally:
             timer.cancel()
 
-    async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
+    async def on_rate_limited(
+        self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None
+    ) -> None:
         assert isinstance(slot, ClusterSlot), "a ClusterAdmission only hands out ClusterSlots"
-        delay = self.config.policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
+        policy = self.config.policy
+        delay = policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
+        verdict = judge(policy.reduce_on_429, policy.reduce_on_429_match, answer)
         local = self._fallback
         if local is not None:
             if isinstance(slot.local, Permit):
                 # The local share pauses and reduces itself (and reports the events).
-                local.limiter.on_rate_limited(slot.local, delay)
+                local.limiter.on_rate_limited(slot.local, delay, answer)
             else:
-                self._emit(events.rate_limited(slot.conversation_id))
+                self._emit(events.rate_limited(slot.conversation_id, verdict.note))
             slot.release()
             return
-        self._emit(events.rate_limited(slot.conversation_id))
+        self._emit(events.rate_limited(slot.conversation_id, verdict.note))
         # The script releases the slot after the pause is in force; the relay's own
         # release later is a no-op.
         slot.released = True
@@ -280,18 +304,23 @@ class ClusterAdmission:
                 slot.lease_id,
                 slot.epoch,
                 pause_ms,
-                gated=self.config.policy.usage_gate,
+                gated=policy.usage_gate,
                 poll_lock_ms=self._poll_lock_ms,
+                reduce=verdict.reduce,
+                restore_ms=self._restore_ms,
+                restore_max_ms=self._restore_max_ms,
             )
         )
         if reply is None:
             return
-        extended, reduced, before = reply.detail.split()
+        extended, reduced, before, undone_ms = reply.detail.split()
         if extended == "1":
             self._emit(events.paused(delay))
         if reduced == "1":
-            self._emit(events.limit_reduced(before, reply.state.limit))
+            undone = int(undone_ms) / 1000 if int(undone_ms) >= 0 else None
+            self._emit(events.limit_reduced(before, reply.state.limit, undone_window_s=undone))
         self._on_reply(reply)
+        self._arm_restore()
 
     async def set_limit(self, limit: int | None) -> None:
         """The durable write: Redis, seen by every replica at once (pub/sub)."""
@@ -361,6 +390,9 @@ class ClusterAdmission:
 
     async def close(self) -> None:
         self._disarm()
+        if self._restore_timer is not None:
+            self._restore_timer.cancel()
+            self._restore_timer = None
         if self._fallback is not None:
             self._fallback.close()
         # Let releases already on their way land, so those slots free now rather
@@ -380,6 +412,7 @@ class ClusterAdmission:
         kind, _, rest = data.partition(" ")
         if kind == "s":
             self._state = Shared.parse(rest.split())
+            self._arm_restore()
         if self._fallback is not None or not self._waiting:
             return
         if kind == "w" and rest.isdigit() and int(rest) > 0:
@@ -421,6 +454,7 @@ class ClusterAdmission:
             await self._scripts.renew(lost_leases, lost_waiters, force=True)
         self._watchdog()
         await self.status()  # refreshes the snapshot that metrics read
+        self._arm_restore()
 
     def enter_fallback(self) -> int | None:
         """Redis is unreachable: enforce this replica's share locally, counting the
@@ -772,6 +806,47 @@ class ClusterAdmission:
         else:
             c.usage_polls_no_info += 1
         self._on_reply(reply)
+
+    # ------------------------------------------------------------------ restore
+
+    def _arm_restore(self) -> None:
+        """Keep the restore tick running while the shared limit is auto-reduced (as
+        last seen: a 429 reply, a state message, a renewal)."""
+        if self._restore_ms <= 0 or self._restore_timer is not None:
+            return
+        st = self._state
+        if (
+            self._fallback is None
+            and st.auto_reduced
+            and st.limit is not None
+            and st.auto_reduced_from is not None
+            and st.limit < st.auto_reduced_from
+        ):
+            self._restore_timer = self._loop.call_later(self._restore_tick_s, self._on_restore_tick)
+
+    def _on_restore_tick(self) -> None:
+        self._restore_timer = None
+        if self._fallback is None:
+            self._spawn(self._restore_tick())
+
+    async def _restore_tick(self) -> None:
+        tick_ms = round(self._restore_tick_s * 1000)
+        reply = await self._try(
+            lambda: self._scripts.restore(
+                self._restore_ms, lock_ms=max(3 * tick_ms, 100), max_gap_ms=2 * tick_ms
+            )
+        )
+        if reply is None:
+            return
+        self._state = reply.state
+        if reply.kind == "restored":
+            before, after, window_ms, back = reply.detail.split()
+            self._emit(
+                events.limit_restored(
+                    int(before), int(after), int(window_ms) / 1000, back=back == "1"
+                )
+            )
+        self._arm_restore()
 
     # ------------------------------------------------------------------ misc
 

@@ -10,7 +10,9 @@ slot and one script may touch them all):
 - `state` (hash): `limit` ("" = none), `cooldown_ms`, `epoch` (bumped by every limit
   change; a permit remembers its epoch), `paused_until` (ms), `auto_reduced`,
   `auto_reduced_from`, and the config file's values when they were last applied
-  (`limit_basis`, `cooldown_basis`).
+  (`limit_basis`, `cooldown_basis`). Restore (`restore_after_s`): `restore_window`
+  (ms, when doubled), `restore_quiet` (demand ms summed since the last 429 or step
+  up), `restore_tick` (the last sample), `raised_at` (the last step up, ms).
 - `leases` (zset): a running slot -> its lease expiry (ms). Only unexpired leases
   count, so a crashed replica's slots come back when their leases run out.
 - `cooling` (zset): a released slot -> the time it is recycled (`cooldown_ms`).
@@ -21,7 +23,8 @@ slot and one script may touch them all):
   whose replica died is dropped when it reaches the head, so it never blocks the line.
 - `gate` (string): the usage gate's verdict, `one` (admit one waiter) or `noinfo`.
 - `instances` (zset): replica -> heartbeat expiry; its size is "replicas last seen".
-- `seq` (counter), `usage` (last `/usage` answer), `poll` (the cluster's poll lock).
+- `seq` (counter), `usage` (last `/usage` answer), `poll` (the cluster's poll lock),
+  `restore` (the lock of the one replica that samples demand and restores).
 
 Wake-ups go out on the provider's channel: `w <delay ms>` (a slot frees, now or after
 the cooldown) and `s <state>` (limit, cooldown, epoch, ... changed).
@@ -48,6 +51,7 @@ KEY_NAMES: Final = (
     "seq",
     "usage",
     "poll",
+    "restore",
 )
 
 
@@ -76,7 +80,7 @@ _COMMON = r"""
 local P = string.sub(KEYS[1], 1, -6)  -- 'sluice:{id}:' (KEYS[1] ends in 'state')
 local K_STATE, K_LEASES, K_COOLING, K_QUEUE = KEYS[1], P .. 'leases', P .. 'cooling', P .. 'queue'
 local K_ALIVE, K_GATE, K_INSTANCES, K_SEQ = P .. 'alive', P .. 'gate', P .. 'instances', P .. 'seq'
-local K_USAGE, K_POLL, CHANNEL = P .. 'usage', P .. 'poll', P .. 'wake'
+local K_USAGE, K_POLL, K_RESTORE, CHANNEL = P .. 'usage', P .. 'poll', P .. 'restore', P .. 'wake'
 local INSTANCE, LEASE_MS = ARGV[1], tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -269,21 +273,35 @@ return pump_reply('left', '', st, pump(st, ARGV[4] == '1', ARGV[5]))
 """
 )
 
-# ARGV[3] lease, [4] the permit's limit epoch, [5] pause ms, [6] gated, [7] poll lock ms.
+# ARGV[3] lease, [4] the permit's limit epoch, [5] pause ms, [6] gated, [7] poll lock ms,
+# [8] reduce (reduce_on_429's verdict, 1 or 0), [9] restore_after_s in ms, [10] the
+# longest restore window in ms.
 _RATE_LIMITED = (
     _NOSTATE
     + r"""
 local st = load_state()
-local extended, reduced, before = 0, 0, st.limit or -1
+local reduce = ARGV[8] == '1'
+local extended, reduced, before, undone = 0, 0, st.limit or -1, -1
 local until_ms = now + tonumber(ARGV[5])
 if until_ms > st.paused_until then  -- a new 429 extends a pause, never shortens it
   st.paused_until = until_ms
   redis.call('HSET', K_STATE, 'paused_until', ms(until_ms))
   extended = 1
 end
+-- Every 429 starts the restore window over; a reducing one within a window of a
+-- step up undoes that step (whenever its slot was admitted) and doubles the window.
+redis.call('HDEL', K_STATE, 'restore_quiet', 'restore_tick')
+local window = tonumber(redis.call('HGET', K_STATE, 'restore_window')) or tonumber(ARGV[9])
+local raised_at = tonumber(redis.call('HGET', K_STATE, 'raised_at'))
+local undo = reduce and raised_at ~= nil and now - raised_at <= window
 -- A 429 for a slot admitted before the last limit change is the overshoot that
 -- change already answered: several replicas' 429s cost one step, not one each.
-if st.limit and st.limit > 1 and tonumber(ARGV[4]) == st.epoch then
+if reduce and st.limit and st.limit > 1 and (undo or tonumber(ARGV[4]) == st.epoch) then
+  if undo then
+    undone = window
+    redis.call('HSET', K_STATE, 'restore_window', ms(math.min(window * 2, tonumber(ARGV[10]))))
+    redis.call('HDEL', K_STATE, 'raised_at')
+  end
   if not st.auto_reduced then st.auto_reduced_from = st.limit end
   st.auto_reduced, st.limit, st.epoch = true, st.limit - 1, st.epoch + 1
   redis.call('HSET', K_STATE, 'limit', ms(st.limit), 'auto_reduced', '1',
@@ -293,8 +311,54 @@ end
 if extended == 1 or reduced == 1 then publish_state(st) end
 -- Release last: the pause is already in force, so the slot does not go to a waiter.
 release(st, ARGV[3])
-return pump_reply('rate_limited', extended .. ' ' .. reduced .. ' ' .. before, st,
-  pump(st, ARGV[6] == '1', ARGV[7]))
+return pump_reply('rate_limited', extended .. ' ' .. reduced .. ' ' .. before .. ' ' .. undone,
+  st, pump(st, ARGV[6] == '1', ARGV[7]))
+"""
+)
+
+# ARGV[3] restore_after_s in ms, [4] the lock's life in ms, [5] the longest stretch
+# between two samples that counts (ms). Run by every replica while auto-reduced;
+# only the holder of the restore lock samples, so demand is summed once and the
+# shared limit steps up once, whichever replicas run.
+_RESTORE = (
+    _NOSTATE
+    + r"""
+if not redis.call('SET', K_RESTORE, INSTANCE, 'NX', 'PX', ARGV[4]) then
+  if redis.call('GET', K_RESTORE) ~= INSTANCE then
+    return {'other', '', state_reply(load_state())}
+  end
+  redis.call('PEXPIRE', K_RESTORE, ARGV[4])
+end
+local st = load_state()
+if not (st.auto_reduced and st.limit and st.auto_reduced_from
+    and st.limit < st.auto_reduced_from) then
+  redis.call('HDEL', K_STATE, 'restore_quiet', 'restore_tick')
+  return {'idle', '', state_reply(st)}
+end
+local window = tonumber(redis.call('HGET', K_STATE, 'restore_window')) or tonumber(ARGV[3])
+local quiet = tonumber(redis.call('HGET', K_STATE, 'restore_quiet')) or 0
+local tick = tonumber(redis.call('HGET', K_STATE, 'restore_tick'))
+-- Demand, from the shared census: someone waits on any replica, or every slot is in
+-- use; never while paused. The stretch since the last sample counts if there is
+-- demand now.
+local demand = now >= st.paused_until
+  and (redis.call('ZCOUNT', K_ALIVE, AFTER_NOW, '+inf') > 0 or in_use() >= st.limit)
+if demand and tick then quiet = quiet + math.min(now - tick, tonumber(ARGV[5])) end
+if quiet < window then
+  redis.call('HSET', K_STATE, 'restore_quiet', ms(quiet), 'restore_tick', ms(now))
+  return {'waiting', ms(quiet) .. ' ' .. ms(window), state_reply(st)}
+end
+local before = st.limit
+st.limit, st.epoch = st.limit + 1, st.epoch + 1
+local back = st.limit >= st.auto_reduced_from
+if back then st.auto_reduced, st.auto_reduced_from = false, nil end
+redis.call('HSET', K_STATE, 'limit', ms(st.limit), 'epoch', ms(st.epoch),
+  'auto_reduced', back and '0' or '1', 'auto_reduced_from', back and '' or ms(st.auto_reduced_from),
+  'raised_at', ms(now))
+redis.call('HDEL', K_STATE, 'restore_quiet', 'restore_tick')
+publish_state(st)  -- every replica at once; the raise wakes their waiters
+return {'restored', before .. ' ' .. st.limit .. ' ' .. ms(window) .. ' ' .. (back and 1 or 0),
+  state_reply(st)}
 """
 )
 
@@ -403,6 +467,8 @@ _SET_LIMIT = (
 local st = load_state()
 redis.call('HSET', K_STATE, 'limit', ARGV[3], 'auto_reduced', '0', 'auto_reduced_from', '',
   'epoch', ms(st.epoch + 1))
+-- A manual limit starts restore over: the configured window, nothing summed.
+redis.call('HDEL', K_STATE, 'restore_window', 'restore_quiet', 'restore_tick', 'raised_at')
 st = load_state()
 publish_state(st)  -- every replica at once; a raise wakes their waiters
 return {'ok', '', state_reply(st)}
@@ -435,6 +501,7 @@ else
     local st = load_state()
     redis.call('HSET', K_STATE, 'limit', ARGV[3], 'auto_reduced', '0',
       'auto_reduced_from', '', 'limit_basis', ARGV[3], 'epoch', ms(st.epoch + 1))
+    redis.call('HDEL', K_STATE, 'restore_window', 'restore_quiet', 'restore_tick', 'raised_at')
     limit_src = 'config (changed since the stored value)'
   end
   if redis.call('HGET', K_STATE, 'cooldown_basis') ~= ARGV[4] then
@@ -597,6 +664,7 @@ class Scripts:
                 ("release", _RELEASE),
                 ("leave", _LEAVE),
                 ("rate_limited", _RATE_LIMITED),
+                ("restore", _RESTORE),
                 ("usage", _USAGE),
                 ("renew", _RENEW),
                 ("status", _STATUS),
@@ -645,11 +713,40 @@ class Scripts:
         return Reply.parse(await self._run("leave", member, int(gated), poll_lock_ms))
 
     async def rate_limited(
-        self, lease: str, epoch: int, pause_ms: int, *, gated: bool, poll_lock_ms: int
+        self,
+        lease: str,
+        epoch: int,
+        pause_ms: int,
+        *,
+        gated: bool,
+        poll_lock_ms: int,
+        reduce: bool = True,
+        restore_ms: int = 0,
+        restore_max_ms: int = 0,
     ) -> Reply:
+        """Pause; with `reduce`, lower the limit (once per overshoot) or undo a restore
+        step made within its window (`restore_ms`, doubled up to `restore_max_ms`).
+        `detail`: "<extended> <reduced> <limit before> <undone window ms or -1>"."""
         return Reply.parse(
-            await self._run("rate_limited", lease, epoch, pause_ms, int(gated), poll_lock_ms)
+            await self._run(
+                "rate_limited",
+                lease,
+                epoch,
+                pause_ms,
+                int(gated),
+                poll_lock_ms,
+                int(reduce),
+                restore_ms,
+                restore_max_ms,
+            )
         )
+
+    async def restore(self, restore_ms: int, *, lock_ms: int, max_gap_ms: int) -> Reply:
+        """Sample demand and step the limit up once the window is full, if this replica
+        holds (or takes) the restore lock. `kind`: `other` (another replica holds it),
+        `idle` (nothing to restore), `waiting` (detail "<demand ms> <window ms>"), or
+        `restored` (detail "<before> <after> <window ms> <1: back at the original>")."""
+        return Reply.parse(await self._run("restore", restore_ms, lock_ms, max_gap_ms))
 
     async def usage(
         self, sessions: int | None, *, interval_ms: int, gated: bool, poll_lock_ms: int

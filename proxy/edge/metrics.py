@@ -38,7 +38,7 @@ OUTCOMES = (
     "bad_request",
     "internal_error",
 )
-"""The `outcome` label of `sluice_requests_total`: the SPEC's nine, then two of ours
+"""The `outcome` label of `sluice_requests_total`: the nine the README lists first, then two of ours
 for requests that never reached the upstream through no fault of it (`bad_request`:
 sluice refused the request itself, 400 or 413; `internal_error`: an exception sluice
 did not expect)."""
@@ -165,6 +165,11 @@ class _LimiterCollector(Collector):
             "auto_reductions": CounterMetricFamily(
                 "sluice_auto_reductions", "Limit reductions after a 429", labels=["provider"]
             ),
+            "auto_restores": CounterMetricFamily(
+                "sluice_auto_restores",
+                "Restore steps of an auto-reduced limit (restore_after_s)",
+                labels=["provider"],
+            ),
             "slots_reclaimed": CounterMetricFamily(
                 "sluice_watchdog_reclaims", "Slots reclaimed by the watchdog", labels=["provider"]
             ),
@@ -205,6 +210,7 @@ class _LimiterCollector(Collector):
                 pid, c.rate_limited + self._requests.unseen_429[limiter.provider_id]
             )
             counters["auto_reductions"].add_metric(pid, c.auto_reductions)
+            counters["auto_restores"].add_metric(pid, c.auto_restores)
             counters["slots_reclaimed"].add_metric(pid, c.slots_reclaimed)
             polls.add_metric([*pid, "room"], c.usage_polls_room)
             polls.add_metric([*pid, "full"], c.usage_polls_full)

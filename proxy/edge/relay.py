@@ -11,11 +11,12 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
-from proxy.admission import Rejection
+from proxy.admission import Policy, Rejection
+from proxy.admission.reduce import ANSWER_HEAD_BYTES, Answer
 from proxy.edge import logs
 from proxy.edge.headers import MIN_EPOCH_MS, prompt_started_at_ms, retry_after_s
 from proxy.edge.metrics import Requests
@@ -38,12 +39,17 @@ from proxy.prompts import (
 from proxy.runtime.prompt_times import PromptTimes
 from proxy.runtime.provider import Provider
 from proxy.runtime.seam import Slot
+from proxy.upstream.readahead import ReadAhead
 from proxy.upstream.transport import HOP_BY_HOP, UpstreamResponse
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+ANSWER_READ_S: Final = 1.0
+"""How long a 429's body is read ahead for `reduce_on_429 = "match"` before it is
+judged on what arrived: the pause starts only once it is judged."""
 
 log = structlog.get_logger("sluice")
 
@@ -265,8 +271,9 @@ class Relay:
                 ex.queue_ms = round(queued_s * 1000)
                 response = await self._open(scope, route, body, ex)
                 if response.status == 429 and admission.limit is not None:
+                    answer, response = await _answer_429(response, provider.config.policy)
                     await admission.on_rate_limited(
-                        slot, retry_after_s(_str_headers(response.raw_headers), time.time())
+                        slot, retry_after_s(_str_headers(response.raw_headers), time.time()), answer
                     )
                     if retries_left > 0:
                         retries_left -= 1
@@ -399,6 +406,19 @@ class ResponseIdCatcher:
             self._found(match.group(1).decode("latin-1"))
             return True
         return len(self._head) >= self.LIMIT
+
+
+async def _answer_429(
+    response: UpstreamResponse, policy: Policy
+) -> tuple[Answer | None, UpstreamResponse]:
+    """What `reduce_on_429` needs of a 429: nothing under "always" and "never"; under
+    "match" its headers and its body's first bytes, read ahead (the response handed
+    back replays them, so a 429 relayed to the client arrives whole)."""
+    if policy.reduce_on_429 != "match":
+        return None, response
+    ahead = ReadAhead(response)
+    head = await ahead.read_head(ANSWER_HEAD_BYTES, ANSWER_READ_S)
+    return Answer.from_raw(response.raw_headers, head), ahead
 
 
 def _str_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

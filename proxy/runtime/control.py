@@ -2,7 +2,7 @@
 
 Admin writes are made durable first and applied in memory only after the commit,
 so a failed write leaves the running state as it was. Changes the limiter makes on
-its own (a 429 reduction) are applied in memory at once and persisted by a
+its own (a 429 reduction, a restore step) are applied in memory at once and persisted by a
 background writer in order, so the request path never waits for the disk.
 
 In cluster mode (`Admission.shared`) the durable settings live in Redis: an admin
@@ -114,7 +114,8 @@ class Control:
     # ------------------------------------------------------- limiter's own changes
 
     def on_limiter_event(self, provider: Provider, event: LimiterEvent) -> None:
-        """Journal the event; after a reduction, persist the new limit. Never blocks."""
+        """Journal the event; after a reduction or a restore step, persist the new limit
+        and auto-reduce state. Never blocks."""
         # A client chooses its conversation id, which lands in event details: keep
         # any configured secret it carries out of the journal.
         record = Event(now_ms(), provider.id, event.kind, self._redact(event.detail))
@@ -122,7 +123,7 @@ class Control:
             log.warning(event.kind, provider=provider.id, detail=event.detail)
         else:
             log.info(event.kind, provider=provider.id, detail=event.detail)
-        if event.kind == "limit_reduced" and not provider.admission.shared:
+        if event.kind in ("limit_reduced", "limit_restored") and not provider.admission.shared:
             admission = provider.admission
 
             async def persist() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus
 from proxy.admission.aio import UsagePolls, admit
 from proxy.admission.limiter import Permit, Rejection
+from proxy.admission.reduce import Answer
 from proxy.runtime.seam import Admission, ClusterView, Slot
 from proxy.runtime.store import ProviderOverrides
 from proxy.settings import ProviderConfig
@@ -64,9 +65,11 @@ class LocalAdmission:
     ) -> Awaitable[Permit | Rejection]:
         return admit(self.limiter, prompt_started_at, conversation_id=conversation_id, seq=seq)
 
-    async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
+    async def on_rate_limited(
+        self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None
+    ) -> None:
         assert isinstance(slot, Permit), "a LocalAdmission only hands out Permits"
-        self.limiter.on_rate_limited(slot, retry_after_s)
+        self.limiter.on_rate_limited(slot, retry_after_s, answer)
 
     async def set_limit(self, limit: int | None) -> None:
         self.limiter.set_limit(limit)

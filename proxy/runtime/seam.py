@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from proxy.admission import LimiterCounters, LimiterStatus
 from proxy.admission.limiter import Rejection
+from proxy.admission.reduce import Answer
 from proxy.runtime.store import ProviderOverrides
 
 
@@ -75,8 +76,11 @@ class Admission(Protocol):
         slot granted in that same instant is handed back."""
         ...
 
-    async def on_rate_limited(self, slot: Slot, retry_after_s: float | None) -> None:
-        """The upstream answered 429 to `slot`'s request: pause, maybe reduce, release."""
+    async def on_rate_limited(
+        self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None
+    ) -> None:
+        """The upstream answered 429 to `slot`'s request: pause, maybe reduce (as
+        `reduce_on_429` judges `answer`), release."""
         ...
 
     async def set_limit(self, limit: int | None) -> None: ...

@@ -1,4 +1,4 @@
-"""The operator's page, `GET /concurrency/ui` (SPEC section 13): static files shipped
+"""The operator's page, `GET /concurrency/ui` (README, "The operator's page"): static files shipped
 in this package (`index.html`, `app.js`, `style.css`; package data in pyproject.toml).
 
 The page holds no data, so it is served without the admin token; its script reads the
