@@ -59,8 +59,10 @@ def retry_after_s(pause_left_s: float) -> int:
     return max(1, math.ceil(pause_left_s)) if pause_left_s > 0 else 1
 
 
-def rate_limited(conversation_id: str | None) -> LimiterEvent:
-    return LimiterEvent("rate_limited", "429 from upstream" + _conversation(conversation_id))
+def rate_limited(conversation_id: str | None, client_id: str | None = None) -> LimiterEvent:
+    return LimiterEvent(
+        "rate_limited", "429 from upstream" + _conversation(conversation_id) + _client(client_id)
+    )
 
 
 def paused(delay_s: float) -> LimiterEvent:
@@ -71,9 +73,12 @@ def limit_reduced(before: int | str, after: int | None) -> LimiterEvent:
     return LimiterEvent("limit_reduced", f"limit {before} -> {after} after a 429")
 
 
-def slot_reclaimed(held_ms: int, conversation_id: str | None) -> LimiterEvent:
+def slot_reclaimed(
+    held_ms: int, conversation_id: str | None, client_id: str | None = None
+) -> LimiterEvent:
     return LimiterEvent(
-        "slot_reclaimed", f"slot held {held_ms} ms reclaimed" + _conversation(conversation_id)
+        "slot_reclaimed",
+        f"slot held {held_ms} ms reclaimed" + _conversation(conversation_id) + _client(client_id),
     )
 
 
@@ -86,3 +91,7 @@ def lease_expired(replica: str) -> LimiterEvent:
 
 def _conversation(conversation_id: str | None) -> str:
     return f" (conversation {conversation_id})" if conversation_id else ""
+
+
+def _client(client_id: str | None) -> str:
+    return f" (client {client_id})" if client_id else ""

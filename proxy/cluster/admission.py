@@ -242,6 +242,7 @@ class ClusterAdmission:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        client_id: str | None = None,
     ) -> ClusterSlot | Rejection:
         if seq is None:
             seq = next(self._seqs)
