@@ -24,7 +24,15 @@ from uvicorn.supervisors import Multiprocess
 from proxy.edge import logs
 from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
-from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
+from proxy.settings import (
+    ServerSettings,
+    Settings,
+    config_path,
+    load,
+    resolve_clients,
+    resolve_providers,
+    secrets,
+)
 
 
 class _QuietAbort(logging.Filter):
@@ -49,6 +57,7 @@ def run(
         settings = load(config_path(config))
         settings = with_address(settings, host, port)
         resolve_providers(settings)  # reads the keys: a missing one is a config error
+        resolve_clients(settings)
         check_cluster(settings, workers)
     except ConfigError as err:
         print(err, file=sys.stderr)

@@ -69,6 +69,15 @@ class _LimiterCollector(Collector):
             "Polls of the upstream's /usage by result",
             labels=["provider", "result"],
         )
+        # Labelled by configured client ids only, so the series stay bounded.
+        client_in_flight = GaugeMetricFamily(
+            "sluice_client_in_flight",
+            "A client's running requests (cooling slots count only toward the limit)",
+            labels=["provider", "client"],
+        )
+        client_queued = GaugeMetricFamily(
+            "sluice_client_queued", "A client's requests waiting", labels=["provider", "client"]
+        )
         fallback = GaugeMetricFamily(
             "sluice_cluster_fallback",
             "1 while this replica cannot reach Redis and admits only its local share",
@@ -94,9 +103,15 @@ class _LimiterCollector(Collector):
             polls.add_metric([*pid, "room"], c.usage_polls_room)
             polls.add_metric([*pid, "full"], c.usage_polls_full)
             polls.add_metric([*pid, "no_info"], c.usage_polls_no_info)
+            for share in status.clients:
+                client_in_flight.add_metric([*pid, share.client_id], share.in_flight)
+                client_queued.add_metric([*pid, share.client_id], share.queued)
         yield from gauges.values()
         yield from counters.values()
         yield polls
+        if client_in_flight.samples:  # with [[clients]] only
+            yield client_in_flight
+            yield client_queued
         if fallback.samples:  # cluster mode only
             yield fallback
 
