@@ -83,8 +83,8 @@ class Rig:
 
 def test_the_fast_path_respects_the_cap() -> None:
     rig = Rig(Policy(limit=5, cooldown_ms=0))
-    rig.hold("a1", "a")
-    rig.wait("a2", "a")  # four slots free, but a holds its one
+    assert rig.hold("a1", "a").client_id == "a"
+    assert rig.wait("a2", "a").client_id == "a"  # four slots free, but a holds its one
     status = rig.status()
     assert (status.running, status.queued) == (1, 1)
 
@@ -162,7 +162,7 @@ def test_an_uncapped_client_waits_in_the_common_line_and_is_counted() -> None:
 
 def test_an_unknown_client_id_is_no_client() -> None:
     rig = Rig(Policy(limit=3, cooldown_ms=0))
-    rig.hold("z1", "zed")
+    assert rig.hold("z1", "zed").client_id is None
     rig.hold("z2", "zed")
     assert [c.client_id for c in rig.status().clients] == ["a", "b", "free"]
     assert rig.status().running == 2

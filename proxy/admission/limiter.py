@@ -207,6 +207,10 @@ class Waiter:
     def waiting(self) -> bool:
         return self.state is _State.WAITING
 
+    @property
+    def client_id(self) -> str | None:
+        return self.client.client_id if self.client is not None else None
+
     def cancel(self) -> None:
         """The client gave up. A waiter cancelled after its grant hands the slot back,
         so a grant racing a disconnect never loses the slot."""
