@@ -8,6 +8,9 @@ the figures are the core's own cost per request, without an event loop:
   prompts arrive in time order) and releases the running permit, which grants the
   head of the queue, so the queue stays at N. Cooldown is 0 here, so the release
   grants at once instead of through the cooldown timer.
+- queue path with client caps: the same with limit 2 and ten clients each capped at
+  one slot, requests arriving round robin: every release re-offers the released
+  client's turn and grants the oldest waiter whose client is under its cap.
 
 Run: `python -m bench.admission [--quick]` (prints JSON).
 """
@@ -46,8 +49,15 @@ class FakeClock:
         return self.now
 
 
-def _limiter(limit: int | None, cooldown_ms: int, clock: FakeClock) -> Limiter:
-    policy = Policy(limit=limit, cooldown_ms=cooldown_ms, max_queue=1 << 30)
+def _limiter(
+    limit: int | None,
+    cooldown_ms: int,
+    clock: FakeClock,
+    clients: tuple[tuple[str, int | None], ...] = (),
+) -> Limiter:
+    policy = Policy(
+        limit=limit, cooldown_ms=cooldown_ms, max_queue=1 << 30, client_max_in_flight=clients
+    )
     return Limiter("bench", policy, clock=clock, scheduler=_schedule)
 
 
@@ -101,6 +111,40 @@ def queue_path(waiters: int, iterations: int) -> float:
     return elapsed / iterations
 
 
+def queue_path_clients(waiters: int, iterations: int, clients: int = 10) -> float:
+    """ns per (one acquire that queues + one release that grants) with `waiters`
+    queued across `clients` clients capped at one slot each, limit 2."""
+    clock = FakeClock()
+    ids = [f"c{i}" for i in range(clients)]
+    limiter = _limiter(2, 0, clock, tuple((cid, 1) for cid in ids))
+    held: list[Permit] = []
+
+    def granted(outcome: Permit | Rejection) -> None:
+        assert isinstance(outcome, Permit)
+        held.append(outcome)
+
+    for i in range(2):
+        first = limiter.acquire(0.0, granted, client_id=ids[i])
+        assert isinstance(first, Permit)
+        held.append(first)
+    for i in range(waiters):
+        limiter.acquire(1.0 + i, granted, client_id=ids[i % clients])
+    assert limiter.status().queued == waiters
+    acquire = limiter.acquire
+    t = float(waiters + 1)
+    n = waiters
+    start = time.perf_counter_ns()
+    for _ in range(iterations):
+        t += 1.0
+        acquire(t, granted, client_id=ids[n % clients])
+        n += 1
+        held.pop(0).release()
+    elapsed = time.perf_counter_ns() - start
+    assert limiter.status().queued == waiters
+    assert len(held) == 2
+    return elapsed / iterations
+
+
 def _median_of(repeats: int, run: Callable[[], float]) -> float:
     return statistics.median(run() for _ in range(repeats))
 
@@ -124,6 +168,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             ),
             "queued_10k_us": _median_of(repeats, lambda: queue_path(10_000, queue_n)),
             "queued_100k_us": _median_of(repeats, lambda: queue_path(100_000, queue_n)),
+            "queued_100k_clients_us": _median_of(
+                repeats, lambda: queue_path_clients(100_000, queue_n)
+            ),
         }
     finally:
         gc.enable()

@@ -5,6 +5,7 @@
     ├── StoreError             the SQLite store could not read or write
     ├── ClientError            the client sent something we cannot act on (4xx)
     │   ├── BadRequest         400, e.g. a malformed X-Prompt-Started-At
+    │   ├── Unauthorized       401, no client key or an unknown one ([[clients]] set)
     │   ├── NotFound           404, unknown provider or route
     │   └── BodyTooLarge       413, over server.max_body_bytes
     ├── UpstreamError          the provider could not be reached or went silent
@@ -65,6 +66,15 @@ class ClientError(HTTPError):
 
 class BadRequest(ClientError):
     pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "sluice_unauthorized"
+    code = "unauthorized"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"www-authenticate", b"Bearer")]
 
 
 class NotFound(ClientError):

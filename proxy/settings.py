@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from proxy.admission.reduce import ReduceRule
 from proxy.errors import ConfigError
 
 ENV_PREFIX = "SLUICE_"
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _HOST = re.compile(r"^[A-Za-z0-9._~\-]+$|^\[[0-9A-Fa-f:.]+\]$|^[0-9A-Fa-f:.]+$")
 MAX_LIMIT = 10_000
 MAX_COOLDOWN_MS = 3_600_000
@@ -143,7 +145,7 @@ class AdmissionSection(AdmissionSettings):
 
 
 class ProviderSettings(AdmissionSettings):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    id: str = Field(pattern=ID_PATTERN)
     base_url: str
     api_key: SecretStr | None = None
     api_key_env: str | None = None
@@ -172,6 +174,23 @@ class ProviderSettings(AdmissionSettings):
         return self
 
 
+class ClientSettings(_Section):
+    """A `[[clients]]` entry : who may use the provider routes, and
+    the share of each provider it may hold. The file names the key only by its digest
+    or by the environment variable that holds it."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{64}$")
+    key_env: str | None = None
+    max_in_flight: dict[str, PositiveInt] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ClientSettings:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("key_sha256: set key_sha256 (hex SHA-256 of the key) or key_env")
+        return self
+
+
 class ClusterSettings(_Section):
     redis_url: str = ""
     lease_s: PositiveSeconds = 15
@@ -188,6 +207,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     admission: AdmissionSection = AdmissionSection()
     providers: tuple[ProviderSettings, ...] = Field(min_length=1)
+    clients: tuple[ClientSettings, ...] = ()
     cluster: ClusterSettings = ClusterSettings()
 
     @classmethod
@@ -225,6 +245,30 @@ class Settings(BaseSettings):
                     f"providers[{i}].reduce_on_429_match: must be a non-empty regular "
                     f'expression when reduce_on_429 = "match"'
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_clients(self) -> Settings:
+        providers = [p.id for p in self.providers]
+        ids: set[str] = set()
+        digests: dict[str, int] = {}
+        for i, client in enumerate(self.clients):
+            if client.id in ids:
+                raise ValueError(f"clients[{i}].id: duplicate client id {client.id!r}")
+            ids.add(client.id)
+            for provider_id in client.max_in_flight:
+                if provider_id not in providers:
+                    raise ValueError(
+                        f"clients[{i}].max_in_flight: unknown provider {provider_id!r} "
+                        f"(providers: {', '.join(providers)})"
+                    )
+            if client.key_sha256 is not None:
+                digest = client.key_sha256.lower()
+                if digest in digests:
+                    raise ValueError(
+                        f"clients[{i}].key_sha256: the same key as clients[{digests[digest]}]"
+                    )
+                digests[digest] = i
         return self
 
 
@@ -346,17 +390,62 @@ def resolve_providers(settings: Settings) -> list[ProviderConfig]:
                 connect_timeout_s=p.connect_timeout_s or settings.server.upstream_connect_timeout_s,
                 read_timeout_s=p.read_timeout_s or settings.server.upstream_read_timeout_s,
                 policy=dataclasses.replace(
-                    default_policy, limit=p.limit, usage_gate=p.usage_gate, **p.overrides()
+                    default_policy,
+                    limit=p.limit,
+                    usage_gate=p.usage_gate,
+                    client_max_in_flight=tuple(
+                        (c.id, c.max_in_flight.get(p.id)) for c in settings.clients
+                    ),
+                    **p.overrides(),
                 ),
             )
         )
     return resolved
 
 
+@dataclass(frozen=True)
+class ClientConfig:
+    """A configured client with its key as a SHA-256 digest (the key itself is never
+    kept) and its caps per provider id."""
+
+    id: str
+    key_sha256: bytes
+    max_in_flight: Mapping[str, int]
+
+
+def resolve_clients(settings: Settings) -> list[ClientConfig]:
+    """Each `[[clients]]` entry with its key's digest: `key_sha256` as given, or the
+    SHA-256 of the `key_env` variable's value, read now. Two clients with one key are
+    a config error (a key must say who is calling)."""
+    resolved: list[ClientConfig] = []
+    owners: dict[bytes, int] = {}
+    for i, c in enumerate(settings.clients):
+        if c.key_env is not None:
+            key = os.environ.get(c.key_env)
+            if not key:
+                raise ConfigError(
+                    f"config error: clients[{i}].key_env: "
+                    f"environment variable {c.key_env} is not set"
+                )
+            digest = hashlib.sha256(key.encode()).digest()
+        else:
+            assert c.key_sha256 is not None  # the model requires one of the two
+            digest = bytes.fromhex(c.key_sha256)
+        if digest in owners:
+            raise ConfigError(
+                f"config error: clients[{i}].{'key_env' if c.key_env else 'key_sha256'}: "
+                f"the same key as clients[{owners[digest]}]"
+            )
+        owners[digest] = i
+        resolved.append(ClientConfig(c.id, digest, dict(c.max_in_flight)))
+    return resolved
+
+
 def secrets(settings: Settings) -> list[str]:
-    """Every secret the configuration holds (provider keys, the admin token), for the
-    redactor of logs and the events journal."""
+    """Every secret the configuration holds (provider keys, client keys read from the
+    environment, the admin token), for the redactor of logs and the events journal."""
     found = [p.api_key for p in resolve_providers(settings) if p.api_key]
+    found += [key for c in settings.clients if c.key_env and (key := os.environ.get(c.key_env))]
     token = settings.server.admin_token.get_secret_value()
     return [*found, token] if token else found
 

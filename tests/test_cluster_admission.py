@@ -359,3 +359,51 @@ async def test_a_non_matching_429_pauses_every_replica_without_lowering_the_limi
         assert (
             a.events[0].detail == "429 from upstream (limit kept: no match for reduce_on_429_match)"
         )
+
+
+# ------------------------------------------------------ client shares (SPEC 11)
+
+CAPS = (("team-a", 1), ("team-b", None))
+
+
+async def test_client_caps_are_cluster_wide(url: str) -> None:
+    async with replicas(url, 2, limit=3, client_max_in_flight=CAPS) as (a, b):
+        first = await slot(a, 0, client_id="team-a")
+        capped = asyncio.create_task(b.admission.admit(1, client_id="team-a"))
+        await eventually(lambda: _queued(a, 1))
+        # Two slots free and team-a's waiter is older: team-b goes at once.
+        await slot(b, 2, client_id="team-b")
+        await slot(a, 3)  # and so does a request of no client
+        assert not capped.done()
+        status = await a.admission.status()
+        assert [(c.client_id, c.in_flight, c.queued, c.max_in_flight) for c in status.clients] == [
+            ("team-a", 1, 1, 1),
+            ("team-b", 1, 0, None),
+        ]
+        first.release()
+        got = await asyncio.wait_for(capped, 2)
+        assert isinstance(got, ClusterSlot)
+        assert got.client_id == "team-a"
+
+
+async def test_an_unknown_client_id_is_no_client_in_cluster_mode(url: str) -> None:
+    async with replicas(url, 1, limit=3, client_max_in_flight=CAPS) as (a,):
+        held = [await slot(a, i, client_id="stranger") for i in range(3)]
+        assert all(s.client_id is None for s in held)
+
+
+async def test_the_local_share_applies_client_caps(tmp_path: Any) -> None:
+    with redis_server() as redis:
+        async with replicas(redis.url, 1, limit=4, lease_s=1.5, client_max_in_flight=CAPS) as (a,):
+            held = await slot(a, 0, client_id="team-a")
+            redis.stop()
+            await eventually(lambda: not a.hub.up, within=5)
+            # The local share (4: one replica) counts the held slot toward team-a's cap.
+            capped = asyncio.create_task(a.admission.admit(1, client_id="team-a"))
+            await slot(a, 2, client_id="team-b")
+            await asyncio.sleep(0.1)
+            assert not capped.done()
+            status = await a.admission.status()
+            assert status.clients[0].in_flight == 1
+            held.release()
+            assert isinstance(await asyncio.wait_for(capped, 2), ClusterSlot)

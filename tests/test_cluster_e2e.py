@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import random
 import signal
@@ -141,6 +142,7 @@ def config(
     *,
     limit: int = 4,
     admission: str = "",
+    clients: str = "",
 ) -> tuple[Path, int]:
     port = free_port()
     directory = tmp_path / name
@@ -163,6 +165,7 @@ def config(
             id = "up"
             base_url = "{upstream.url}"
             limit = {limit}
+            {clients}
 
             [cluster]
             redis_url = "{redis_url}"
@@ -424,3 +427,58 @@ async def test_workers_share_the_limit_through_redis(
             await eventually(two_workers)
     finally:
         assert await asyncio.to_thread(server.stop) == 0
+
+
+async def test_client_caps_hold_across_replicas(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    """SPEC 11: team-a (cap 1) floods both replicas; team-b (cap 1) is served beside
+    it at once, and team-a never runs more than one request in the whole cluster."""
+    digest_a = hashlib.sha256(b"key-a").hexdigest()
+    digest_b = hashlib.sha256(b"key-b").hexdigest()
+    clients = f"""
+            [[clients]]
+            id = "team-a"
+            key_sha256 = "{digest_a}"
+            max_in_flight = {{ up = 1 }}
+            [[clients]]
+            id = "team-b"
+            key_sha256 = "{digest_b}"
+            max_in_flight = {{ up = 1 }}
+    """
+    async with (
+        cluster(tmp_path, upstream, redis, 2, limit=2, clients=clients) as replicas,
+        httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=50)) as client,
+    ):
+        # The upstream counts by x-replica: here, by client.
+        team_a = {"authorization": "Bearer key-a", "x-hold": "1", "x-tokens": "1"}
+        flood = [
+            asyncio.create_task(
+                stream(
+                    client,
+                    replicas[i % 2],
+                    "team-a",
+                    {**team_a, "x-prompt-started-at": str(10**12 + i)},
+                )
+            )
+            for i in range(6)
+        ]
+        await eventually(lambda: _queued(client, replicas[0], 5))
+        shown = await status(client, replicas[1])
+        assert shown["clients"][0] == {
+            "clientId": "team-a",
+            "inFlight": 1,
+            "queued": 5,
+            "maxInFlight": 1,
+        }
+        team_b = {"authorization": "Bearer key-b"}
+        served = await asyncio.wait_for(
+            asyncio.gather(*(stream(client, replicas[i % 2], "team-b", team_b) for i in range(4))),
+            10,
+        )
+        assert served == [200] * 4
+        assert not any(task.done() for task in flood)  # team-a still held at its cap
+        upstream.hold.set()
+        assert await asyncio.wait_for(asyncio.gather(*flood), 30) == [200] * 6
+    assert upstream.max_per_replica["team-a"] == 1
+    assert upstream.max_in_flight <= 2

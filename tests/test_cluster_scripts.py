@@ -481,3 +481,181 @@ async def test_a_manual_limit_starts_restore_over(client: Redis) -> None:
     await a.set_limit(4)
     fields = set(await client.hgetall(keys_for("p")[0]))
     assert not {"restore_window", "restore_quiet", "restore_tick", "raised_at"} & fields
+
+
+# ------------------------------------------------------ client shares (SPEC 11)
+
+
+async def admit_for(
+    s: Scripts, prompt: float, local: str, client: str | None, cap: int | None
+) -> Reply:
+    return await s.admit(
+        prompt,
+        "",
+        local,
+        max_queue=100,
+        gated=False,
+        poll_lock_ms=POLL_LOCK_MS,
+        client=client,
+        cap=cap,
+    )
+
+
+async def test_a_client_at_its_cap_does_not_block_others(client: Redis) -> None:
+    a = replica(client, "a")
+    await start(a, 3)
+    assert (await admit_for(a, 0, "a1", "team-a", 1)).kind == "admitted"
+    assert (await admit_for(a, 1, "a2", "team-a", 1)).kind == "queued"  # at its cap
+    # Two slots free and team-a's waiter is older, but it may not go: the fast path
+    # admits team-b's newcomer.
+    assert (await admit_for(a, 2, "b1", "team-b", 1)).kind == "admitted"
+
+
+async def test_caps_are_cluster_wide(client: Redis) -> None:
+    a, b = replica(client, "a"), replica(client, "b")
+    await start(a, 3)
+    first = await admit_for(a, 0, "a1", "team-a", 1)
+    assert first.kind == "admitted"
+    queued = await admit_for(b, 1, "a2", "team-a", 1)  # another replica, the same client
+    assert queued.kind == "queued"
+    assert queued.pump is not None
+    assert queued.pump.code == "idle"  # nobody who may go next waits
+    reply = await release(a, first.detail)  # team-a drops under its cap: its turn
+    assert granted(reply) == []
+    assert reply.pump is not None
+    assert reply.pump.code == "other"  # the waiter is b's: a wakes it
+    assert granted(await pump(b)) == ["a2"]
+
+
+async def test_a_capped_waiter_goes_as_soon_as_its_client_drops_under_the_cap(
+    client: Redis,
+) -> None:
+    a = replica(client, "a")
+    await start(a, 2, cooldown_ms=5_000)
+    first = await admit_for(a, 0, "a1", "team-a", 1)
+    await admit_for(a, 1, "a2", "team-a", 1)
+    # The released slot cools down, but the other is free and team-a is under its
+    # cap at once: running leases count toward a cap, cooling slots do not.
+    assert granted(await release(a, first.detail)) == ["a2"]
+    census = await a.status()
+    assert (census.running, census.cooling) == (1, 1)
+
+
+async def test_the_oldest_waiter_under_its_cap_goes_first(client: Redis) -> None:
+    a = replica(client, "a")
+    await start(a, 1)
+    holder = (await admit_for(a, 0, "h", None, None)).detail
+    await admit_for(a, 1, "a1", "team-a", 1)
+    await admit_for(a, 2, "n", None, None)
+    await admit_for(a, 3, "a2", "team-a", 1)
+    order = []
+    lease = holder
+    for _ in range(3):
+        reply = await release(a, lease)
+        order += granted(reply)
+        assert reply.pump is not None
+        lease = reply.pump.granted[0]
+    assert order == ["a1", "n", "a2"]
+
+
+async def test_a_newcomer_older_than_its_clients_head_takes_the_turn(client: Redis) -> None:
+    a = replica(client, "a")
+    await start(a, 1)
+    holder = (await admit_for(a, 0, "h", None, None)).detail
+    await admit_for(a, 5, "late", "team-a", 1)
+    await admit_for(a, 3, "n", None, None)
+    await admit_for(a, 1, "early", "team-a", 1)
+    assert granted(await release(a, holder)) == ["early"]
+
+
+async def test_leaving_moves_the_clients_turn(client: Redis) -> None:
+    a = replica(client, "a")
+    await start(a, 1)
+    holder = (await admit_for(a, 0, "h", None, None)).detail
+    head = await admit_for(a, 1, "a1", "team-a", 1)
+    await admit_for(a, 2, "n", None, None)
+    await admit_for(a, 3, "a2", "team-a", 1)
+    await a.leave(head.detail, gated=False, poll_lock_ms=POLL_LOCK_MS)
+    reply = await release(a, holder)
+    assert granted(reply) == ["n"]  # team-a's turn moved to a2's place, behind n
+    assert reply.pump is not None
+    assert granted(await release(a, reply.pump.granted[0])) == ["a2"]
+    assert (await a.status()).queued == 0
+
+
+async def test_a_renewed_lease_keeps_counting_toward_the_cap(client: Redis) -> None:
+    a = replica(client, "a", lease_ms=300)
+    await start(a, 3)
+    lease = (await admit_for(a, 0, "a1", "team-a", 1)).detail
+    waiter = await admit_for(a, 1, "a2", "team-a", 1)
+    for _ in range(4):
+        await asyncio.sleep(0.1)
+        await a.renew([lease], [(waiter.detail, 1)])
+    assert granted(await pump(a)) == []
+    assert (await a.status()).queued == 1
+
+
+async def test_an_expired_lease_frees_its_clients_cap(client: Redis) -> None:
+    a, b = replica(client, "a", lease_ms=300), replica(client, "b", lease_ms=300)
+    await start(a, 3)
+    await admit_for(a, 0, "a1", "team-a", 1)  # a dies holding it
+    waiter = await admit_for(b, 1, "a2", "team-a", 1)
+    await asyncio.sleep(0.18)
+    await b.renew([], [(waiter.detail, 1)])
+    assert granted(await pump(b)) == []
+    await asyncio.sleep(0.18)
+    renewal = await b.renew([], [(waiter.detail, 1)])  # drops a's lease: team-a's turn
+    assert len(renewal.expired) == 1
+    assert granted(await pump(b)) == ["a2"]
+
+
+async def test_a_dead_replicas_capped_waiter_does_not_block_its_client(client: Redis) -> None:
+    a, b = replica(client, "a", lease_ms=300), replica(client, "b", lease_ms=300)
+    await start(b, 1)
+    holder = (await admit_for(b, 0, "h", None, None)).detail
+    await admit_for(a, 1, "dead", "team-a", 1)  # a dies: nobody renews its waiter
+    mine = await admit_for(b, 2, "live", "team-a", 1)
+    await asyncio.sleep(0.2)
+    await b.renew([holder], [(mine.detail, 2)])
+    await asyncio.sleep(0.15)
+    assert granted(await release(b, holder)) == ["live"]
+
+
+async def test_status_counts_each_clients_share(client: Redis) -> None:
+    a, b = replica(client, "a"), replica(client, "b")
+    await start(a, 3)
+    await admit_for(a, 0, "a1", "team-a", 1)
+    await admit_for(b, 1, "a2", "team-a", 1)
+    await admit_for(b, 2, "b1", "team-b", None)
+    await admit_for(a, 3, "n", None, None)
+    census = await a.status()
+    rows = {r.client_id: (r.running, r.queued) for r in census.clients}
+    assert rows == {"team-a": (1, 1), "team-b": (1, 0)}
+    assert (census.running, census.queued) == (3, 1)
+
+
+async def test_rejoin_counts_held_slots_toward_their_clients_caps(client: Redis) -> None:
+    a, b = replica(client, "a"), replica(client, "b")
+    await start(a, 3)
+    # a held team-a's slot through an outage (a fallback lease id), then rejoins.
+    seed = Shared(3, 0, 1, False, None, 0)
+    held = "f1|a|1"
+    await a.rejoin(seed, (3, 0), [held], {held: ("team-a", 1)})
+    assert (await admit_for(b, 1, "a2", "team-a", 1)).kind == "queued"
+    assert granted(await release(a, held)) == []  # the waiter is b's
+    assert granted(await pump(b)) == ["a2"]
+
+
+async def test_a_forced_renewal_registers_lost_waiters_in_their_clients_line(
+    client: Redis,
+) -> None:
+    a = replica(client, "a")
+    await start(a, 3)
+    lease = (await admit_for(a, 0, "a1", "team-a", 1)).detail
+    waiter = (await admit_for(a, 1, "a2", "team-a", 1)).detail
+    await client.flushall()
+    await start(a, 3)  # the state is back, the entries are not
+    clients = {lease: ("team-a", 1), waiter: ("team-a", 1)}
+    await a.renew([lease], [(waiter, 1)], force=True, clients=clients)
+    assert granted(await pump(a)) == []  # team-a is still at its cap
+    assert granted(await release(a, lease)) == ["a2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -25,13 +26,16 @@ from proxy.errors import ConfigError
 from proxy.settings import (
     AdmissionSection,
     AdmissionSettings,
+    ClientSettings,
     ClusterSettings,
     ProviderSettings,
     ServerSettings,
     Settings,
     config_path,
     load,
+    resolve_clients,
     resolve_providers,
+    secrets,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +174,18 @@ KEYED_PROVIDER: dict[str, Any] = {
     "api_key": "sk-literal-key",
 }
 
+# `[[clients]]` (SPEC section 11): `key_sha256` excludes `key_env`, so two entries.
+CLIENT_KEY = "client-key-a"
+CLIENT_DIGEST = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
+CLIENT_DEFAULTS: dict[str, Any] = {"key_sha256": None, "key_env": None, "max_in_flight": {}}
+NON_DEFAULT_CLIENT: dict[str, Any] = {
+    "id": "team-a",
+    "key_sha256": CLIENT_DIGEST,
+    "max_in_flight": {"other": 2, "keyed": 1},
+}
+ENV_KEYED_CLIENT: dict[str, Any] = {"id": "team-b", "key_env": "TEAM_B_KEY"}
+CLIENT_TOML = f'[[clients]]\nid = "team-a"\nkey_sha256 = "{CLIENT_DIGEST}"\n'
+
 
 @pytest.fixture(autouse=True)
 def _no_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,7 +196,10 @@ def _no_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def toml_value(value: Any) -> str:
-    """JSON spells strings, numbers, booleans and string lists as TOML does."""
+    """JSON spells strings, numbers, booleans and string lists as TOML does; a table
+    is written inline."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)
 
 
@@ -241,14 +260,24 @@ def test_the_tables_below_cover_every_key() -> None:
     provider_keys = set(ProviderSettings.model_fields)
     assert set(PROVIDER_DEFAULTS) == provider_keys - {"id", "base_url"}
     assert set(NON_DEFAULT_PROVIDER) | set(KEYED_PROVIDER) == provider_keys
+    client_keys = set(ClientSettings.model_fields)
+    assert set(CLIENT_DEFAULTS) == client_keys - {"id"}
+    assert set(NON_DEFAULT_CLIENT) | set(ENV_KEYED_CLIENT) == client_keys
 
 
 def test_every_key_round_trips_from_toml(tmp_path: Path) -> None:
     text = "".join(toml_table(f"[{s}]", NON_DEFAULT[s]) for s in SECTIONS)
     text += toml_table("[[providers]]", NON_DEFAULT_PROVIDER)
     text += toml_table("[[providers]]", KEYED_PROVIDER)
+    text += toml_table("[[clients]]", NON_DEFAULT_CLIENT)
+    text += toml_table("[[clients]]", ENV_KEYED_CLIENT)
     settings = load_text(tmp_path, text)
 
+    team_a, team_b = settings.clients
+    for key, expected in NON_DEFAULT_CLIENT.items():
+        assert getattr(team_a, key) == expected, f"clients[0].{key}"
+    for key, expected in ENV_KEYED_CLIENT.items():
+        assert getattr(team_b, key) == expected, f"clients[1].{key}"
     for section, values in NON_DEFAULT.items():
         for key, expected in values.items():
             assert plain(getattr(getattr(settings, section), key)) == expected, f"{section}.{key}"
@@ -363,6 +392,11 @@ def test_defaults_are_the_spec_values(tmp_path: Path) -> None:
             assert plain(getattr(holder, key)) == expected, f"{section}.{key}"
     for key, expected in PROVIDER_DEFAULTS.items():
         assert getattr(settings.providers[0], key) == expected, f"providers[0].{key}"
+    assert settings.clients == ()
+    (client,) = load_text(tmp_path, PROVIDER_TOML + CLIENT_TOML).clients
+    for key, expected in CLIENT_DEFAULTS.items():
+        if key != "key_sha256":
+            assert getattr(client, key) == expected, f"clients[0].{key}"
 
 
 # --- config.example.toml ------------------------------------------------------------
@@ -373,14 +407,19 @@ def example_sections() -> dict[str, str]:
     sections: dict[str, str] = {}
     current = ""
     for line in EXAMPLE.read_text().splitlines():
-        header = re.fullmatch(r"\[\[?(\w+)\]\]?\s*(#.*)?", line.strip())
+        # A table may be shown commented out (`# [[clients]]`): it changes behaviour.
+        header = re.fullmatch(r"(?:#\s*)?\[\[?(\w+)\]\]?\s*(#.*)?", line.strip())
         if header:
             current = header.group(1)
         sections[current] = sections.get(current, "") + line + "\n"
     return sections
 
 
-EXAMPLE_MODELS: dict[str, type[BaseModel]] = {**SECTIONS, "providers": ProviderSettings}
+EXAMPLE_MODELS: dict[str, type[BaseModel]] = {
+    **SECTIONS,
+    "providers": ProviderSettings,
+    "clients": ClientSettings,
+}
 
 
 @pytest.mark.parametrize("section", list(EXAMPLE_MODELS))
@@ -693,6 +732,79 @@ ERROR_CASES = [
         "providers",
         id="two-defaults",
     ),
+    # clients
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "keys = 1\n", {}, "clients[0].keys", id="unknown-client-key"
+    ),
+    pytest.param(
+        PROVIDER_TOML + "[[clients]]\nid = 'a'\n", {}, "clients[0].key_sha256", id="no-client-key"
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "key_env = 'K'\n",
+        {},
+        "clients[0].key_sha256",
+        id="two-client-keys",
+    ),
+    pytest.param(
+        PROVIDER_TOML + "[[clients]]\nid = 'a'\nkey_sha256 = 'abc'\n",
+        {},
+        "clients[0].key_sha256",
+        id="short-digest",
+    ),
+    pytest.param(
+        PROVIDER_TOML + f"[[clients]]\nid = 'a'\nkey_sha256 = '{'g' * 64}'\n",
+        {},
+        "clients[0].key_sha256",
+        id="non-hex-digest",
+    ),
+    pytest.param(
+        PROVIDER_TOML + f"[[clients]]\nid = 'A'\nkey_sha256 = '{CLIENT_DIGEST}'\n",
+        {},
+        "clients[0].id",
+        id="bad-client-id",
+    ),
+    pytest.param(
+        PROVIDER_TOML + f"[[clients]]\nkey_sha256 = '{CLIENT_DIGEST}'\n",
+        {},
+        "clients[0].id",
+        id="no-client-id",
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "[[clients]]\nid = 'team-a'\nkey_env = 'K'\n",
+        {},
+        "clients[1].id",
+        id="duplicate-client-id",
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + f"[[clients]]\nid = 'b'\nkey_sha256 = '{CLIENT_DIGEST}'\n",
+        {},
+        "clients[1].key_sha256",
+        id="duplicate-client-key",
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "max_in_flight = { nowhere = 1 }\n",
+        {},
+        "clients[0].max_in_flight",
+        id="cap-for-unknown-provider",
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "max_in_flight = { umans = 0 }\n",
+        {},
+        "clients[0].max_in_flight.umans",
+        id="cap-0",
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "max_in_flight = { umans = true }\n",
+        {},
+        "clients[0].max_in_flight.umans",
+        id="bool-for-cap",
+    ),
+    pytest.param(
+        PROVIDER_TOML + CLIENT_TOML + "max_in_flight = 2\n",
+        {},
+        "clients[0].max_in_flight",
+        id="number-for-caps",
+    ),
 ]
 BAD_URLS = [
     "ftp://api.umans.ai/v1",
@@ -837,6 +949,84 @@ def test_empty_api_key_env_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
         resolve_providers(settings)
 
 
+def test_cap_for_an_unknown_provider_names_it(tmp_path: Path) -> None:
+    with one_line_error("clients[0].max_in_flight", "'nowhere'", "umans"):
+        load_text(tmp_path, PROVIDER_TOML + CLIENT_TOML + "max_in_flight = { nowhere = 1 }\n")
+
+
+def test_duplicate_client_id_names_it(tmp_path: Path) -> None:
+    text = PROVIDER_TOML + CLIENT_TOML + "[[clients]]\nid = 'team-a'\nkey_env = 'K'\n"
+    with one_line_error("clients[1].id", "team-a"):
+        load_text(tmp_path, text)
+
+
+def test_unset_client_key_env_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEAM_TEST_UNSET_KEY", raising=False)
+    text = PROVIDER_TOML + CLIENT_TOML + "[[clients]]\nid = 'b'\nkey_env = 'TEAM_TEST_UNSET_KEY'\n"
+    settings = load_text(tmp_path, text)
+    with one_line_error("clients[1].key_env", "TEAM_TEST_UNSET_KEY"):
+        resolve_clients(settings)
+
+
+def test_a_key_from_the_environment_equal_to_a_digest_is_a_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEAM_B_KEY", CLIENT_KEY)
+    text = PROVIDER_TOML + CLIENT_TOML + toml_table("[[clients]]", ENV_KEYED_CLIENT)
+    settings = load_text(tmp_path, text)
+    with one_line_error("clients[1].key_env", "clients[0]"):
+        resolve_clients(settings)
+    assert CLIENT_KEY not in str(settings)
+
+
+def test_resolve_clients_reads_keys_as_digests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEAM_B_KEY", "client-key-b")
+    text = PROVIDER_TOML + CLIENT_TOML.replace(CLIENT_DIGEST, CLIENT_DIGEST.upper())
+    text += "max_in_flight = { umans = 3 }\n" + toml_table("[[clients]]", ENV_KEYED_CLIENT)
+    team_a, team_b = resolve_clients(load_text(tmp_path, text))
+    assert (team_a.id, team_a.key_sha256, dict(team_a.max_in_flight)) == (
+        "team-a",
+        hashlib.sha256(CLIENT_KEY.encode()).digest(),
+        {"umans": 3},
+    )
+    assert (team_b.id, team_b.key_sha256, dict(team_b.max_in_flight)) == (
+        "team-b",
+        hashlib.sha256(b"client-key-b").digest(),
+        {},
+    )
+
+
+def test_client_caps_resolve_onto_every_providers_policy(tmp_path: Path) -> None:
+    text = PROVIDER_TOML + SECOND_PROVIDER_TOML + CLIENT_TOML + "max_in_flight = { openai = 2 }\n"
+    text += "[[clients]]\nid = 'b'\nkey_env = 'UNUSED'\nmax_in_flight = { umans = 1 }\n"
+    umans, openai = resolve_providers(load_text(tmp_path, text))
+    assert umans.policy.client_max_in_flight == (("team-a", None), ("b", 1))
+    assert openai.policy.client_max_in_flight == (("team-a", 2), ("b", None))
+    (alone,) = resolve_providers(load_text(tmp_path, PROVIDER_TOML))
+    assert alone.policy.client_max_in_flight == ()
+
+
+def test_clients_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_CLIENTS", json.dumps([{"id": "c", "key_sha256": CLIENT_DIGEST}]))
+    monkeypatch.setenv("SLUICE_CLIENTS__0__MAX_IN_FLIGHT", '{"umans": 4}')
+    (client,) = load_text(tmp_path, PROVIDER_TOML).clients
+    assert (client.id, client.key_sha256, client.max_in_flight) == (
+        "c",
+        CLIENT_DIGEST,
+        {"umans": 4},
+    )
+
+
+def test_client_keys_from_the_environment_are_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEAM_B_KEY", "client-key-b")
+    text = PROVIDER_TOML + toml_table("[[clients]]", ENV_KEYED_CLIENT)
+    assert "client-key-b" in secrets(load_text(tmp_path, text))
+
+
 def test_invalid_toml_names_the_file_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nport = = 1\n")
     with one_line_error(str(path), "invalid TOML", "line 2"):
@@ -900,6 +1090,12 @@ def clean_environ(extra: dict[str, str]) -> dict[str, str]:
             {},
             "providers[0].api_key_env",
             id="unset-key-variable",
+        ),
+        pytest.param(
+            PROVIDER_TOML + "[[clients]]\nid = 'a'\nkey_env = 'TEAM_TEST_UNSET_KEY'\n",
+            {},
+            "clients[0].key_env",
+            id="unset-client-key-variable",
         ),
     ],
 )

@@ -8,6 +8,7 @@ except through the callbacks it was given.
 from proxy.admission.clock import Clock, Scheduler, Timer
 from proxy.admission.events import LimiterCounters, LimiterEvent
 from proxy.admission.limiter import (
+    ClientStatus,
     Limiter,
     LimiterStatus,
     Permit,
@@ -17,6 +18,7 @@ from proxy.admission.limiter import (
 )
 
 __all__ = [
+    "ClientStatus",
     "Clock",
     "Limiter",
     "LimiterCounters",

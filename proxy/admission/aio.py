@@ -15,6 +15,7 @@ async def admit(
     *,
     conversation_id: str | None = None,
     seq: int | None = None,
+    client_id: str | None = None,
 ) -> Permit | Rejection:
     """Wait for a slot. If the awaiting task is cancelled (the client left while
     queued) the waiter leaves the queue, and a slot granted in that same instant is
@@ -27,7 +28,9 @@ async def admit(
         elif isinstance(outcome, Permit):
             outcome.release()  # the waiter's task is gone; nobody will release it
 
-    ticket = limiter.acquire(prompt_started_at, on_done, conversation_id=conversation_id, seq=seq)
+    ticket = limiter.acquire(
+        prompt_started_at, on_done, conversation_id=conversation_id, seq=seq, client_id=client_id
+    )
     if not isinstance(ticket, Waiter):
         return ticket
     try:

@@ -74,10 +74,15 @@ def next_restore_window(window_s: float, restore_after_s: float) -> float:
     return min(window_s * 2, restore_after_s * RESTORE_WINDOW_MAX_FACTOR)
 
 
-def rate_limited(conversation_id: str | None, rule: str = "") -> LimiterEvent:
+def rate_limited(
+    conversation_id: str | None, rule: str = "", client_id: str | None = None
+) -> LimiterEvent:
     """`rule`: which `reduce_on_429` rule applied (a `Verdict.note`), if not "always"."""
     note = f" ({rule})" if rule else ""
-    return LimiterEvent("rate_limited", "429 from upstream" + note + _conversation(conversation_id))
+    return LimiterEvent(
+        "rate_limited",
+        "429 from upstream" + note + _conversation(conversation_id) + _client(client_id),
+    )
 
 
 def paused(delay_s: float) -> LimiterEvent:
@@ -103,9 +108,12 @@ def limit_restored(before: int, after: int, window_s: float, *, back: bool) -> L
     return LimiterEvent("limit_restored", detail)
 
 
-def slot_reclaimed(held_ms: int, conversation_id: str | None) -> LimiterEvent:
+def slot_reclaimed(
+    held_ms: int, conversation_id: str | None, client_id: str | None = None
+) -> LimiterEvent:
     return LimiterEvent(
-        "slot_reclaimed", f"slot held {held_ms} ms reclaimed" + _conversation(conversation_id)
+        "slot_reclaimed",
+        f"slot held {held_ms} ms reclaimed" + _conversation(conversation_id) + _client(client_id),
     )
 
 
@@ -118,3 +126,7 @@ def lease_expired(replica: str) -> LimiterEvent:
 
 def _conversation(conversation_id: str | None) -> str:
     return f" (conversation {conversation_id})" if conversation_id else ""
+
+
+def _client(client_id: str | None) -> str:
+    return f" (client {client_id})" if client_id else ""

@@ -11,6 +11,15 @@ A slot is *in use* from admission until its permit is released plus `cooldown_ms
 (the upstream counts a finished generation for a while). `in_flight` in the status
 is running permits plus cooling slots.
 
+Client shares: a request may name its client, and a client may
+have a cap (`max_in_flight`) on the permits it holds at once. A client at its cap does
+not block anyone else: the line admits the oldest waiter whose client is under its
+cap. Its running permits count toward the cap; cooling slots only toward the limit.
+How, without scanning the line: each capped client keeps its waiters in a line of its
+own, and stands in the provider's line as one *turn* at the place of its oldest
+waiter, but only while it is under its cap. So the provider's line holds exactly the
+waiters that may go next, and its head is the one to admit.
+
 Timers: at most one each for cooldown expiry, pause end, usage re-poll, the
 watchdog and the next restore step, re-armed as needed; plus one per waiter for
 `queue_timeout_s` (a cheap heap entry in the event loop, not a task).
@@ -67,6 +76,9 @@ class Policy:
     reduce_on_429: ReduceRule = "always"
     reduce_on_429_match: str = ""
     restore_after_s: float = 0.0  # 0: an auto-reduced limit is restored manually
+    # Every configured client (`[[clients]]`) with its `max_in_flight` for this
+    # provider, None for no cap; empty when no clients are configured.
+    client_max_in_flight: tuple[tuple[str, int | None], ...] = ()
     # Read by the edge, not the limiter.
     retry_on_429: int = 2
     admitted_paths: tuple[str, ...] = (
@@ -76,6 +88,16 @@ class Policy:
         "/messages",
     )
     derive_prompt_start: bool = True
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """One configured client's share of a provider."""
+
+    client_id: str
+    in_flight: int  # its running requests (a cooling slot counts only toward the limit)
+    queued: int
+    max_in_flight: int | None
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,7 @@ class LimiterStatus:
     notice: str | None
     usage_gate: bool
     upstream_sessions: int | None  # the last successful /usage answer
+    clients: tuple[ClientStatus, ...] = ()  # every configured client, in config order
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,7 @@ class Permit:
     __slots__ = (
         "_limiter",
         "admitted_at",
+        "client",
         "conversation_id",
         "limit_epoch",
         "prompt_started_at",
@@ -127,6 +151,7 @@ class Permit:
         conversation_id: str | None,
         admitted_at: float,
         limit_epoch: int = 0,
+        client: _Client | None = None,
     ) -> None:
         self._limiter = limiter
         self.limit_epoch = limit_epoch
@@ -134,7 +159,12 @@ class Permit:
         self.seq = seq
         self.conversation_id = conversation_id
         self.admitted_at = admitted_at
+        self.client = client
         self.released = False
+
+    @property
+    def client_id(self) -> str | None:
+        return self.client.client_id if self.client is not None else None
 
     def release(self) -> None:
         if not self.released:
@@ -159,6 +189,7 @@ class Waiter:
 
     __slots__ = (
         "_limiter",
+        "client",
         "conversation_id",
         "on_done",
         "permit",
@@ -175,12 +206,14 @@ class Waiter:
         seq: int,
         conversation_id: str | None,
         on_done: Callable[[Permit | Rejection], None],
+        client: _Client | None = None,
     ) -> None:
         self._limiter = limiter
         self.prompt_started_at = prompt_started_at
         self.seq = seq
         self.conversation_id = conversation_id
         self.on_done = on_done
+        self.client = client
         self.state = _State.WAITING
         self.permit: Permit | None = None
         self.timer: Timer | None = None
@@ -188,6 +221,10 @@ class Waiter:
     @property
     def waiting(self) -> bool:
         return self.state is _State.WAITING
+
+    @property
+    def client_id(self) -> str | None:
+        return self.client.client_id if self.client is not None else None
 
     def cancel(self) -> None:
         """The client gave up. A waiter cancelled after its grant hands the slot back,
@@ -199,6 +236,47 @@ class Waiter:
 
     def __repr__(self) -> str:
         return f"<Waiter #{self.seq} {self.state.value} prompt_started_at={self.prompt_started_at}>"
+
+
+class _Client:
+    """A configured client's share of this provider: its running permits and, when it
+    has a cap, its own line and its turn in the provider's line."""
+
+    __slots__ = ("cap", "client_id", "line", "queued", "running", "turn")
+
+    def __init__(self, client_id: str, cap: int | None) -> None:
+        self.client_id = client_id
+        self.cap = cap
+        self.running = 0
+        self.queued = 0
+        # Only a capped client queues apart; an uncapped one waits in the provider's line.
+        self.line: WaitQueue[Waiter] | None = WaitQueue() if cap is not None else None
+        self.turn: _Turn | None = None
+
+    @property
+    def under_cap(self) -> bool:
+        return self.cap is None or self.running < self.cap
+
+
+class _Turn:
+    """A capped client's place in the provider's line: at its oldest waiter's
+    (prompt, seq), while the client is under its cap. Superseded (so skipped, like a
+    cancelled waiter) when the client's head changes or the turn is taken."""
+
+    __slots__ = ("client", "waiter")
+
+    def __init__(self, client: _Client, waiter: Waiter) -> None:
+        self.client = client
+        self.waiter = waiter
+
+    @property
+    def waiting(self) -> bool:
+        return self.client.turn is self
+
+    def __lt__(self, other: object) -> bool:
+        # A client's superseded turn can share its (prompt, seq) with a newer one at
+        # the same waiter; the heap then needs an order between the two, any order.
+        return False
 
 
 class _Gate(Enum):
@@ -232,7 +310,11 @@ class Limiter:
 
         self._running: dict[int, Permit] = {}  # by seq, for the watchdog
         self._cooling: list[float] = []  # heap of recycle times
-        self._queue: WaitQueue[Waiter] = WaitQueue()
+        # The line of those who may go next: waiters of no capped client, and one turn
+        # per capped client that is under its cap and has waiters.
+        self._queue: WaitQueue[Waiter | _Turn] = WaitQueue()
+        self._queued = 0  # every waiter, in the line or in a capped client's own
+        self._clients = {cid: _Client(cid, cap) for cid, cap in policy.client_max_in_flight}
         self._paused_until = -math.inf
         self._limit_epoch = 0  # bumped by every limit change; permits remember theirs
 
@@ -266,26 +348,51 @@ class Limiter:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        client_id: str | None = None,
     ) -> Permit | Waiter | Rejection:
         """Admit now (a Permit), queue (a Waiter whose `on_done` gets the outcome),
         or refuse at once (a Rejection).
 
         `prompt_started_at` orders the queue (smaller first); `seq` breaks ties and
         lets a request that was sent back by a 429 keep its original place.
+        `client_id` names a configured client (its cap applies); any other id, or
+        None, is no client.
         """
         if seq is None:
             seq = next(self._seq)
         now = self._clock()
         policy = self.policy
-        # The fast path refuses while anyone waits or while paused, so a newcomer
-        # can never overtake the queue (not even after the limit was removed while
-        # a pause still holds earlier waiters).
-        if not self._queue and now >= self._paused_until and self._free_slots(now) > 0:
-            return self._admit(prompt_started_at, seq, conversation_id, now)
-        if len(self._queue) >= policy.max_queue:
+        client = self._clients.get(client_id) if client_id is not None else None
+        # The fast path refuses while anyone who may go next waits, or while paused,
+        # so a newcomer can never overtake the queue (not even after the limit was
+        # removed while a pause still holds earlier waiters). Waiters of capped
+        # clients at their cap are not in `_queue`: they do not hold others back.
+        if (
+            not self._queue
+            and now >= self._paused_until
+            and self._free_slots(now) > 0
+            and (client is None or client.under_cap)
+        ):
+            return self._admit(prompt_started_at, seq, conversation_id, now, client)
+        if self._queued >= policy.max_queue:
             return Rejection("queue_full", self._retry_after_s(now))
-        waiter = Waiter(self, prompt_started_at, seq, conversation_id, on_done)
-        self._queue.push(prompt_started_at, seq, waiter)
+        waiter = Waiter(self, prompt_started_at, seq, conversation_id, on_done, client)
+        self._queued += 1
+        if client is None:
+            self._queue.push(prompt_started_at, seq, waiter)
+        else:
+            client.queued += 1
+            if client.line is None:
+                self._queue.push(prompt_started_at, seq, waiter)
+            else:
+                client.line.push(prompt_started_at, seq, waiter)
+                turn = client.turn
+                if turn is not None and (prompt_started_at, seq) < (
+                    turn.waiter.prompt_started_at,
+                    turn.waiter.seq,
+                ):
+                    self._retire(client)  # the client's oldest waiter is this one now
+                self._offer(client)
         waiter.timer = self._schedule(policy.queue_timeout_s, lambda: self._expire(waiter))
         self._pump()
         return waiter
@@ -348,7 +455,7 @@ class Limiter:
         policy = self.policy
         delay = policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
         verdict = reduce.judge(policy.reduce_on_429, policy.reduce_on_429_match, answer)
-        self._emit(events.rate_limited(permit.conversation_id, verdict.note))
+        self._emit(events.rate_limited(permit.conversation_id, verdict.note, permit.client_id))
         if now + delay > self._paused_until:  # a new 429 extends a pause, never shortens it
             self._paused_until = now + delay
             self._emit(events.paused(delay))
@@ -399,7 +506,7 @@ class Limiter:
             in_flight=len(self._running) + len(self._cooling),
             running=len(self._running),
             cooling=len(self._cooling),
-            queued=len(self._queue),
+            queued=self._queued,
             paused=paused,
             paused_until=self._paused_until if paused else None,
             cooldown_ms=self.policy.cooldown_ms,
@@ -408,6 +515,10 @@ class Limiter:
             notice=self.notice(),
             usage_gate=self._gated(),
             upstream_sessions=self.upstream_sessions,
+            clients=tuple(
+                ClientStatus(c.client_id, c.running, c.queued, c.cap)
+                for c in self._clients.values()
+            ),
         )
 
     def __repr__(self) -> str:
@@ -426,10 +537,19 @@ class Limiter:
     # --------------------------------------------------------------- internals
 
     def _admit(
-        self, prompt_started_at: float, seq: int, conversation_id: str | None, now: float
+        self,
+        prompt_started_at: float,
+        seq: int,
+        conversation_id: str | None,
+        now: float,
+        client: _Client | None,
     ) -> Permit:
-        permit = Permit(self, prompt_started_at, seq, conversation_id, now, self._limit_epoch)
+        permit = Permit(
+            self, prompt_started_at, seq, conversation_id, now, self._limit_epoch, client
+        )
         self._running[seq] = permit
+        if client is not None:
+            client.running += 1
         self.counters.admitted += 1
         self._arm_watchdog(now)
         if self._restore_window_s > 0:
@@ -437,21 +557,53 @@ class Limiter:
         return permit
 
     def _arm_watchdog(self, now: float) -> None:
-        """Slots are watched while a limit is set and any is held, including slots
-        admitted before the limit was set."""
-        if self.policy.limit is not None and self._running and "watchdog" not in self._timers:
+        """Slots are watched while a limit or a client cap is set and any is held,
+        including slots admitted before the limit was set."""
+        watched = self.policy.limit is not None or self._clients
+        if watched and self._running and "watchdog" not in self._timers:
             self._arm("watchdog", now + self.policy.watchdog_interval_s, self._watchdog)
 
     def _release(self, permit: Permit) -> None:
         """Called once per permit, by `Permit.release`."""
         if self._running.pop(permit.seq, None) is None:
             return  # reclaimed by the watchdog earlier
+        client = permit.client
+        # The client's cap frees at once: a cooling slot counts only toward the limit.
+        turn = client is not None and self._client_released(client)
         now = self._clock()
         if self.policy.limit is not None and self.policy.cooldown_ms > 0:
             heapq.heappush(self._cooling, now + self.policy.cooldown_ms / 1000)
             self._arm_cooldown()
+            if turn:
+                self._pump()  # another slot may be free for the client's next waiter
         else:
             self._pump()
+
+    def _client_released(self, client: _Client) -> bool:
+        """One of `client`'s permits ended; True if that gave it a turn in the line."""
+        client.running -= 1
+        if client.turn is None and client.line:
+            return self._offer(client)
+        return False
+
+    def _offer(self, client: _Client) -> bool:
+        """Give a capped client under its cap a turn at its oldest waiter's place."""
+        line = client.line
+        if client.turn is not None or line is None or not client.under_cap:
+            return False
+        head = line.peek()
+        if head is None:
+            line.clear_dead()
+            return False
+        client.turn = _Turn(client, head)
+        self._queue.push(head.prompt_started_at, head.seq, client.turn)
+        return True
+
+    def _retire(self, client: _Client) -> None:
+        """Take back the client's turn (it stays in the heap, skipped as dead)."""
+        if client.turn is not None:
+            client.turn = None
+            self._queue.discard()
 
     def _free_slots(self, now: float) -> int:
         limit = self.policy.limit
@@ -523,7 +675,18 @@ class Limiter:
                     return
                 if self._gate is _Gate.ONE:
                     self._gate = _Gate.CLOSED  # at most one waiter per successful poll
-            self._grant(queue.pop(), now)
+            entry = queue.pop()
+            if isinstance(entry, _Turn):
+                # A capped client's turn: admit its oldest waiter, then, if still
+                # under its cap, queue its next one at that one's place.
+                client = entry.client
+                client.turn = None
+                waiter = client.line.pop() if client.line is not None else entry.waiter
+                assert waiter is entry.waiter, "a turn outlived its client's head"
+                self._grant(waiter, now)
+                self._offer(client)
+            else:
+                self._grant(entry, now)
         # Nobody waits: forget gate state and stop re-polling.
         self._gate = _Gate.CLOSED
         self._disarm("repoll")
@@ -532,7 +695,13 @@ class Limiter:
     def _grant(self, waiter: Waiter, now: float) -> None:
         # Admit before calling back: by the time the waiter's task runs, the slot
         # is already counted, so no newcomer can take it in between.
-        permit = self._admit(waiter.prompt_started_at, waiter.seq, waiter.conversation_id, now)
+        client = waiter.client
+        self._queued -= 1
+        if client is not None:
+            client.queued -= 1
+        permit = self._admit(
+            waiter.prompt_started_at, waiter.seq, waiter.conversation_id, now, client
+        )
         waiter.state = _State.GRANTED
         waiter.permit = permit
         if waiter.timer is not None:
@@ -543,7 +712,21 @@ class Limiter:
     def _drop(self, waiter: Waiter, state: _State) -> None:
         """Take a still-waiting waiter out of the line (lazily: the heap skips it)."""
         waiter.state = state
-        self._queue.discard()
+        self._queued -= 1
+        client = waiter.client
+        if client is None or client.line is None:
+            self._queue.discard()
+            if client is not None:
+                client.queued -= 1
+        else:
+            client.queued -= 1
+            client.line.discard()
+            if client.turn is not None and client.turn.waiter is waiter:
+                # Its turn stood at this waiter's place: move it to the next one's.
+                self._retire(client)
+                self._offer(client)
+            elif not client.line:
+                client.line.clear_dead()
         if waiter.timer is not None:
             waiter.timer.cancel()
             waiter.timer = None
@@ -593,7 +776,7 @@ class Limiter:
         limit_s = self.policy.slot_timeout_s
         for permit in [p for p in self._running.values() if now - p.admitted_at > limit_s]:
             held_ms = round((now - permit.admitted_at) * 1000)
-            self._emit(events.slot_reclaimed(held_ms, permit.conversation_id))
+            self._emit(events.slot_reclaimed(held_ms, permit.conversation_id, permit.client_id))
             # Reclaiming releases the slot now; the permit's own release later is a no-op.
             self._release(permit)
         if self._running:

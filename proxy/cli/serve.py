@@ -28,7 +28,15 @@ from uvicorn.supervisors import Multiprocess
 from proxy.edge import logs
 from proxy.edge.app import Sluice
 from proxy.errors import ConfigError
-from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
+from proxy.settings import (
+    ServerSettings,
+    Settings,
+    config_path,
+    load,
+    resolve_clients,
+    resolve_providers,
+    secrets,
+)
 
 log = structlog.get_logger("sluice")
 
@@ -55,6 +63,7 @@ def run(
         settings = load(config_path(config))
         settings = with_address(settings, host, port)
         resolve_providers(settings)  # reads the keys: a missing one is a config error
+        resolve_clients(settings)
         check_cluster(settings, workers)
         # Bound before anything is built or logged: a port in use is one line, not a
         # "sluice started" followed by uvicorn's error.

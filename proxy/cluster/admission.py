@@ -28,6 +28,10 @@ shared census for demand, sums it and steps the shared limit up. So the limit ri
 once for the cluster; the others see it through the state published on the channel.
 Demand is sampled, not followed event by event as the single-process limiter does:
 off by at most a tick per window.
+
+Client caps are cluster-wide: the scripts count each capped client's
+leases in Redis and keep its waiters in a line of its own (see `scripts.py`). In
+fallback mode the local share applies the caps to this replica's own slots.
 """
 
 from __future__ import annotations
@@ -42,12 +46,20 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-from proxy.admission import LimiterCounters, LimiterEvent, LimiterStatus, Permit, Rejection, events
+from proxy.admission import (
+    ClientStatus,
+    LimiterCounters,
+    LimiterEvent,
+    LimiterStatus,
+    Permit,
+    Rejection,
+    events,
+)
 from proxy.admission.limiter import Waiter
 from proxy.admission.reduce import Answer, judge
 from proxy.cluster.fallback import LocalShare, release_local, share
 from proxy.cluster.hub import ClusterHub
-from proxy.cluster.scripts import NoState, RedisDown, Reply, Scripts, Shared, owner
+from proxy.cluster.scripts import ClientRow, NoState, RedisDown, Reply, Scripts, Shared, owner
 from proxy.errors import StoreError
 from proxy.runtime.provider import AdmissionFactory, limit_text
 from proxy.runtime.seam import Admission, ClusterView, InstanceLoad, Slot
@@ -78,6 +90,7 @@ class ClusterSlot:
     __slots__ = (
         "_owner",
         "admitted_at",
+        "client_id",
         "conversation_id",
         "epoch",
         "lease_id",
@@ -93,6 +106,7 @@ class ClusterSlot:
         conversation_id: str | None,
         admitted_at: float,
         local: Permit | Waiter | None = None,
+        client_id: str | None = None,
     ) -> None:
         self._owner = owner
         self.lease_id = lease_id
@@ -100,6 +114,7 @@ class ClusterSlot:
         self.conversation_id = conversation_id
         self.admitted_at = admitted_at
         self.local = local
+        self.client_id = client_id
         self.released = False
 
     def release(self) -> None:
@@ -120,6 +135,7 @@ class _Waiter:
 
     __slots__ = (
         "attach_id",
+        "client_id",
         "conversation_id",
         "done",
         "future",
@@ -136,11 +152,13 @@ class _Waiter:
         prompt: float,
         seq: int,
         conversation_id: str | None,
+        client_id: str | None = None,
     ) -> None:
         self.future = future
         self.prompt = prompt
         self.seq = seq
         self.conversation_id = conversation_id
+        self.client_id = client_id
         self.done = False
         self.slot: ClusterSlot | None = None
         self.attach_id: str | None = None  # registered in the shared queue under this id
@@ -196,6 +214,7 @@ class ClusterAdmission:
         self._poll_usage = poll_usage
         self._on_event = on_event
         self._scripts = Scripts(hub.redis, config.id, hub.instance_id, round(hub.lease_s * 1000))
+        self._caps = dict(config.policy.client_max_in_flight)  # configured clients' caps
         self.channel = self._scripts.channel
         self._counters = LimiterCounters()
         self._seqs = itertools.count()
@@ -262,10 +281,15 @@ class ClusterAdmission:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        client_id: str | None = None,
     ) -> ClusterSlot | Rejection:
         if seq is None:
             seq = next(self._seqs)
-        waiter = _Waiter(self._loop.create_future(), prompt_started_at, seq, conversation_id)
+        if client_id not in self._caps:
+            client_id = None  # not a configured client: no client, as in one process
+        waiter = _Waiter(
+            self._loop.create_future(), prompt_started_at, seq, conversation_id, client_id
+        )
         # The queue timeout is the request's own, whichever queue it is in meanwhile.
         timer = self._loop.call_later(self.config.policy.queue_timeout_s, self._expire, waiter)
         try:
@@ -290,10 +314,10 @@ class ClusterAdmission:
                 # The local share pauses and reduces itself (and reports the events).
                 local.limiter.on_rate_limited(slot.local, delay, answer)
             else:
-                self._emit(events.rate_limited(slot.conversation_id, verdict.note))
+                self._emit(events.rate_limited(slot.conversation_id, verdict.note, slot.client_id))
             slot.release()
             return
-        self._emit(events.rate_limited(slot.conversation_id, verdict.note))
+        self._emit(events.rate_limited(slot.conversation_id, verdict.note, slot.client_id))
         # The script releases the slot after the pause is in force; the relay's own
         # release later is a no-op.
         slot.released = True
@@ -372,6 +396,7 @@ class ClusterAdmission:
                     notice=_notice(st),
                     usage_gate=self.config.policy.usage_gate and st.limit is not None,
                     upstream_sessions=census.upstream_sessions,
+                    clients=self._client_status(census.clients),
                 )
                 loads = tuple(
                     InstanceLoad(row.instance_id, row.running + row.cooling, row.queued)
@@ -451,7 +476,9 @@ class ClusterAdmission:
                 leases=len(lost_leases),
                 waiters=len(lost_waiters),
             )
-            await self._scripts.renew(lost_leases, lost_waiters, force=True)
+            await self._scripts.renew(
+                lost_leases, lost_waiters, force=True, clients=self._clients_of()
+            )
         self._watchdog()
         await self.status()  # refreshes the snapshot that metrics read
         self._arm_restore()
@@ -472,7 +499,7 @@ class ClusterAdmission:
         )
         self._fallback = local
         for slot in self._held.values():
-            slot.local = local.hold()
+            slot.local = local.hold(slot.client_id)
         waiters = sorted(self._waiting.values(), key=lambda w: (w.prompt, w.seq))
         self._waiting.clear()
         for waiter in waiters:
@@ -492,6 +519,7 @@ class ClusterAdmission:
             dataclasses.replace(self._state, epoch=self._state.epoch + 1),
             (self.config.policy.limit, self.config.policy.cooldown_ms),
             list(self._held),
+            self._clients_of(),
         )
         self._state = state
         self._replicas = replicas
@@ -547,6 +575,8 @@ class ClusterAdmission:
                 max_queue=self.config.policy.max_queue,
                 gated=self.config.policy.usage_gate,
                 poll_lock_ms=self._poll_lock_ms,
+                client=waiter.client_id,
+                cap=self._caps.get(waiter.client_id) if waiter.client_id else None,
             )
         )
         if reply is None:
@@ -576,6 +606,7 @@ class ClusterAdmission:
             epoch,
             waiter.conversation_id if waiter else None,
             self._loop.time(),
+            client_id=waiter.client_id if waiter else None,
         )
         self._held[lease_id] = slot
         if waiter is None or not waiter.grant(slot):
@@ -663,7 +694,11 @@ class ClusterAdmission:
                 waiter.reject(outcome)
 
         ticket = local.acquire(
-            waiter.prompt, on_done, conversation_id=waiter.conversation_id, seq=waiter.seq
+            waiter.prompt,
+            on_done,
+            conversation_id=waiter.conversation_id,
+            seq=waiter.seq,
+            client_id=waiter.client_id,
         )
         if isinstance(ticket, Waiter):
             if ticket.waiting:
@@ -677,7 +712,13 @@ class ClusterAdmission:
         # A lease id of its own, registered in Redis when the replica rejoins.
         lease_id = f"f{n}|{self._hub.instance_id}|{n}"
         slot = ClusterSlot(
-            self, lease_id, -1, waiter.conversation_id, self._loop.time(), local=permit
+            self,
+            lease_id,
+            -1,
+            waiter.conversation_id,
+            self._loop.time(),
+            local=permit,
+            client_id=waiter.client_id,
         )
         self._held[lease_id] = slot
         if not waiter.grant(slot):
@@ -721,7 +762,33 @@ class ClusterAdmission:
             notice=None,
             usage_gate=self.config.policy.usage_gate and st.limit is not None,
             upstream_sessions=None,
+            clients=self._client_status(()),
         )
+
+    def _client_status(self, rows: tuple[ClientRow, ...]) -> tuple[ClientStatus, ...]:
+        """Every configured client, in config order, with its cluster-wide share."""
+        found = {row.client_id: row for row in rows}
+        return tuple(
+            ClientStatus(
+                cid,
+                found[cid].running if cid in found else 0,
+                found[cid].queued if cid in found else 0,
+                cap,
+            )
+            for cid, cap in self.config.policy.client_max_in_flight
+        )
+
+    def _clients_of(self) -> dict[str, tuple[str, int | None]]:
+        """This replica's slots and waiters that belong to a client -> (client, cap),
+        for registering them again in Redis."""
+        found: dict[str, tuple[str, int | None]] = {}
+        for lease_id, slot in self._held.items():
+            if slot.client_id is not None:
+                found[lease_id] = (slot.client_id, self._caps.get(slot.client_id))
+        for waiter in self._waiting.values():
+            if waiter.member is not None and waiter.client_id is not None:
+                found[waiter.member] = (waiter.client_id, self._caps.get(waiter.client_id))
+        return found
 
     # ------------------------------------------------------ re-checks and polls
 
@@ -881,12 +948,13 @@ class ClusterAdmission:
             dataclasses.replace(self._state, epoch=self._state.epoch + 1),
             (self.config.policy.limit, self.config.policy.cooldown_ms),
             list(self._held),
+            self._clients_of(),
         )
         self._state = state
         self._replicas = replicas
         waiters = [(w.member, w.prompt) for w in self._waiting.values() if w.member is not None]
         if waiters:
-            await self._scripts.renew([], waiters, force=True)
+            await self._scripts.renew([], waiters, force=True, clients=self._clients_of())
         log.warning(
             "cluster_state_reseeded",
             provider=self.config.id,
@@ -909,7 +977,7 @@ class ClusterAdmission:
         limit_s = self.config.policy.slot_timeout_s
         for slot in [s for s in self._held.values() if now - s.admitted_at > limit_s]:
             held_ms = round((now - slot.admitted_at) * 1000)
-            self._emit(events.slot_reclaimed(held_ms, slot.conversation_id))
+            self._emit(events.slot_reclaimed(held_ms, slot.conversation_id, slot.client_id))
             slot.release()
 
     def _remember_tie(self, seq: int, member: str) -> None:

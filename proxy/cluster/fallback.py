@@ -61,11 +61,14 @@ class LocalShare:
             on_event=on_event,
         )
 
-    def hold(self) -> Permit | Waiter | None:
-        """Count a slot admitted before Redis went away. Past the share it waits at the
-        very front of the line (prompt start -inf): the slot is in use either way, and
-        a real waiter gets a slot only once this replica is under its share again."""
-        ticket = self.limiter.acquire(-math.inf, _ignore, seq=next(self._holds))
+    def hold(self, client_id: str | None = None) -> Permit | Waiter | None:
+        """Count a slot admitted before Redis went away (toward its client's cap too).
+        Past the share it waits at the very front of the line (prompt start -inf): the
+        slot is in use either way, and a real waiter gets a slot only once this replica
+        is under its share again."""
+        ticket = self.limiter.acquire(
+            -math.inf, _ignore, seq=next(self._holds), client_id=client_id
+        )
         return None if isinstance(ticket, Rejection) else ticket
 
     def acquire(
@@ -75,9 +78,14 @@ class LocalShare:
         *,
         conversation_id: str | None,
         seq: int,
+        client_id: str | None = None,
     ) -> Permit | Waiter | Rejection:
         return self.limiter.acquire(
-            prompt_started_at, on_done, conversation_id=conversation_id, seq=seq
+            prompt_started_at,
+            on_done,
+            conversation_id=conversation_id,
+            seq=seq,
+            client_id=client_id,
         )
 
     def close(self) -> None:

@@ -25,6 +25,16 @@ slot and one script may touch them all):
 - `instances` (zset): replica -> heartbeat expiry; its size is "replicas last seen".
 - `seq` (counter), `usage` (last `/usage` answer), `poll` (the cluster's poll lock),
   `restore` (the lock of the one replica that samples demand and restores).
+- Client shares, only with `[[clients]]`: `wclient` (hash) a waiter or lease -> its
+  client id; `caps` (hash) a capped client -> its `max_in_flight`
+  (written by every enqueue, from the replica's config); per capped client `cq:<id>`
+  (zset) its waiters -> prompt start and `cl:<id>` (zset) its leases -> expiry; `turn`
+  (hash) a capped client -> the one waiter of it that stands in `queue`.
+
+A capped client's waiters wait in `cq:<id>`, and `queue` holds only the oldest of them,
+and only while the client is under its cap (fewer unexpired leases in `cl:<id>` than
+its cap): as in the single-process limiter, `queue` holds exactly the waiters that may
+go next, so its head is the one to admit and nothing scans past capped waiters.
 
 Wake-ups go out on the provider's channel: `w <delay ms>` (a slot frees, now or after
 the cooldown) and `s <state>` (limit, cooldown, epoch, ... changed).
@@ -32,7 +42,7 @@ the cooldown) and `s <state>` (limit, cooldown, epoch, ... changed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -52,6 +62,9 @@ KEY_NAMES: Final = (
     "usage",
     "poll",
     "restore",
+    "wclient",
+    "caps",
+    "turn",
 )
 
 
@@ -81,6 +94,7 @@ local P = string.sub(KEYS[1], 1, -6)  -- 'sluice:{id}:' (KEYS[1] ends in 'state'
 local K_STATE, K_LEASES, K_COOLING, K_QUEUE = KEYS[1], P .. 'leases', P .. 'cooling', P .. 'queue'
 local K_ALIVE, K_GATE, K_INSTANCES, K_SEQ = P .. 'alive', P .. 'gate', P .. 'instances', P .. 'seq'
 local K_USAGE, K_POLL, K_RESTORE, CHANNEL = P .. 'usage', P .. 'poll', P .. 'restore', P .. 'wake'
+local K_WCLIENT, K_CAPS, K_TURN = P .. 'wclient', P .. 'caps', P .. 'turn'
 local INSTANCE, LEASE_MS = ARGV[1], tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -126,6 +140,55 @@ local function next_free_ms()
   return best
 end
 
+-- Client shares: a capped client's own line and its leases.
+local function cq(c) return P .. 'cq:' .. c end
+local function cl(c) return P .. 'cl:' .. c end
+
+local function running_of(c) return redis.call('ZCOUNT', cl(c), AFTER_NOW, '+inf') end
+
+-- Put capped client c in the line at its oldest waiter's place if it is under its
+-- cap, or take it out; true if it got a turn it did not have.
+local function sync(c)
+  local cap = tonumber(redis.call('HGET', K_CAPS, c))
+  local want = nil
+  if cap and running_of(c) < cap then want = redis.call('ZRANGE', cq(c), 0, 0)[1] end
+  local have = redis.call('HGET', K_TURN, c) or nil
+  if want == have then return false end
+  if have then redis.call('ZREM', K_QUEUE, have) end
+  if not want then
+    redis.call('HDEL', K_TURN, c)
+    return false
+  end
+  redis.call('ZADD', K_QUEUE, redis.call('ZSCORE', cq(c), want), want)
+  redis.call('HSET', K_TURN, c, want)
+  return true
+end
+
+-- A waiter leaves every line it is in (its client's turn moves on).
+local function drop_waiter(m)
+  redis.call('ZREM', K_QUEUE, m)
+  redis.call('ZREM', K_ALIVE, m)
+  local c = redis.call('HGET', K_WCLIENT, m)
+  if c then
+    redis.call('HDEL', K_WCLIENT, m)
+    if redis.call('ZREM', cq(c), m) == 1 then sync(c) end
+  end
+end
+
+-- A lease stops counting toward its client's cap; true if that gave the client a turn.
+local function drop_client_lease(m)
+  local c = redis.call('HGET', K_WCLIENT, m)
+  if not c then return false end
+  redis.call('HDEL', K_WCLIENT, m)
+  return redis.call('ZREM', cl(c), m) == 1 and sync(c)
+end
+
+-- Tag a new lease with its client; a capped client's counts toward its cap.
+local function client_lease(m, c, capped, until_ms)
+  redis.call('HSET', K_WCLIENT, m, c)
+  if capped then redis.call('ZADD', cl(c), until_ms, m) end
+end
+
 -- The first live waiter. Dead ones (their replica stopped renewing them) are
 -- dropped here, so a crashed replica's waiters cannot block the line.
 local function live_head()
@@ -135,8 +198,7 @@ local function live_head()
     if not h then return nil, dropped end
     local alive = tonumber(redis.call('ZSCORE', K_ALIVE, h))
     if alive and alive > now then return h, dropped end
-    redis.call('ZREM', K_QUEUE, h)
-    redis.call('ZREM', K_ALIVE, h)
+    drop_waiter(h)
     dropped = dropped + 1
   end
 end
@@ -182,9 +244,17 @@ local function pump(st, gated, poll_lock_ms)
       end
       if g == 'one' then redis.call('DEL', K_GATE) end  -- one waiter per successful poll
     end
+    local c = redis.call('HGET', K_WCLIENT, h)
+    if c and redis.call('ZSCORE', cq(c), h) then
+      -- A capped client's turn: admit its oldest waiter, then move its turn on.
+      redis.call('ZREM', cq(c), h)
+      redis.call('HDEL', K_TURN, c)
+      redis.call('ZADD', cl(c), ms(now + LEASE_MS), h)
+    end
     redis.call('ZREM', K_QUEUE, h)
     redis.call('ZREM', K_ALIVE, h)
     redis.call('ZADD', K_LEASES, ms(now + LEASE_MS), h)
+    if c then sync(c) end
     used = used + 1
     granted[#granted + 1] = h
   end
@@ -201,6 +271,8 @@ local function pump_reply(kind, detail, st, p)
 end
 
 local function release(st, lease)
+  -- The client's cap frees at once: a cooling slot counts only toward the limit.
+  local turn = drop_client_lease(lease)
   if redis.call('ZREM', K_LEASES, lease) == 1 then
     local cooldown = 0
     if st.limit and st.cooldown > 0 then
@@ -208,7 +280,8 @@ local function release(st, lease)
       redis.call('ZADD', K_COOLING, ms(now + cooldown), lease)
     end
     if redis.call('ZCARD', K_QUEUE) > 0 then
-      redis.call('PUBLISH', CHANNEL, 'w ' .. ms(cooldown))
+      -- A client back under its cap may go now if another slot is free.
+      redis.call('PUBLISH', CHANNEL, 'w ' .. (turn and '0' or ms(cooldown)))
     end
   end
 end
@@ -217,7 +290,7 @@ end
 _NOSTATE = "if redis.call('EXISTS', K_STATE) == 0 then return {'nostate'} end\n"
 
 # ARGV[3] prompt start (ms, as sent), [4] tie or "", [5] local id, [6] max_queue,
-# [7] gated, [8] poll lock ms.
+# [7] gated, [8] poll lock ms, [9] client id or "", [10] its max_in_flight or "".
 _ADMIT = (
     _NOSTATE
     + r"""
@@ -226,17 +299,29 @@ local head = live_head()
 local tie = ARGV[4]
 if tie == '' then tie = string.format('%016d', redis.call('INCR', K_SEQ)) end
 local member = tie .. '|' .. INSTANCE .. '|' .. ARGV[5]
--- The fast path: nobody waits anywhere, not paused, a slot free. It refuses while
--- anyone waits on any replica, so no newcomer overtakes the global line.
-if not head and now >= st.paused_until and (not st.limit or in_use() < st.limit) then
+local client, cap = ARGV[9], tonumber(ARGV[10])
+if client == '' then client, cap = nil, nil end
+if cap then redis.call('HSET', K_CAPS, client, ARGV[10]) end
+-- The fast path: nobody who may go next waits anywhere, not paused, a slot free,
+-- the client under its cap. It refuses while any such waiter waits on any replica,
+-- so no newcomer overtakes the global line.
+if not head and now >= st.paused_until and (not st.limit or in_use() < st.limit)
+    and (not cap or running_of(client) < cap) then
   redis.call('ZADD', K_LEASES, ms(now + LEASE_MS), member)
+  if client then client_lease(member, client, cap, ms(now + LEASE_MS)) end
   return {'admitted', member, state_reply(st)}
 end
 if redis.call('ZCOUNT', K_ALIVE, AFTER_NOW, '+inf') >= tonumber(ARGV[6]) then
   return {'queue_full', member, state_reply(st)}
 end
-redis.call('ZADD', K_QUEUE, ARGV[3], member)
 redis.call('ZADD', K_ALIVE, ms(now + LEASE_MS), member)
+if client then redis.call('HSET', K_WCLIENT, member, client) end
+if cap then
+  redis.call('ZADD', cq(client), ARGV[3], member)
+  sync(client)
+else
+  redis.call('ZADD', K_QUEUE, ARGV[3], member)
+end
 return pump_reply('queued', member, st, pump(st, ARGV[7] == '1', ARGV[8]))
 """
 )
@@ -266,8 +351,7 @@ _LEAVE = (
     + r"""
 local st = load_state()
 local was_head = redis.call('ZRANK', K_QUEUE, ARGV[3]) == 0
-redis.call('ZREM', K_QUEUE, ARGV[3])
-redis.call('ZREM', K_ALIVE, ARGV[3])
+drop_waiter(ARGV[3])
 if was_head and redis.call('ZCARD', K_QUEUE) > 0 then redis.call('PUBLISH', CHANNEL, 'w 0') end
 return pump_reply('left', '', st, pump(st, ARGV[4] == '1', ARGV[5]))
 """
@@ -390,42 +474,67 @@ return pump_reply(result, '', st, pump(st, ARGV[5] == '1', ARGV[6]))
 """
 )
 
-# ARGV[3] force (re-add what is missing), [4] n leases, then the leases, then
-# (waiter, prompt) pairs.
+# ARGV[3] force (re-add what is missing), [4] n leases, [5] n waiters, then the
+# leases, then (waiter, prompt) pairs, then (member, client, max_in_flight or "")
+# triples for the leases and waiters that belong to a client.
 _RENEW = (
     _NOSTATE
     + r"""
-local force, n = ARGV[3] == '1', tonumber(ARGV[4])
+local force, n, w = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
 local until_ms = ms(now + LEASE_MS)
 local missing_leases, missing_waiters = {}, {}
-for i = 5, 4 + n do
-  if force or redis.call('ZSCORE', K_LEASES, ARGV[i]) then
-    redis.call('ZADD', K_LEASES, until_ms, ARGV[i])
+local clients, touched = {}, {}
+for i = 6 + n + 2 * w, #ARGV, 3 do clients[ARGV[i]] = {ARGV[i + 1], tonumber(ARGV[i + 2])} end
+for i = 6, 5 + n do
+  local m = ARGV[i]
+  if force or redis.call('ZSCORE', K_LEASES, m) then
+    redis.call('ZADD', K_LEASES, until_ms, m)
+    local c = redis.call('HGET', K_WCLIENT, m)
+    if not c and force and clients[m] then  -- Redis lost the lease's client: tag it again
+      c = clients[m][1]
+      if clients[m][2] then redis.call('HSET', K_CAPS, c, clients[m][2]) end
+      client_lease(m, c, clients[m][2], until_ms)
+      touched[c] = true
+    elseif c and redis.call('ZSCORE', cl(c), m) then
+      redis.call('ZADD', cl(c), until_ms, m)  -- it counts toward the cap while it runs
+      touched[c] = true
+    end
   else
-    missing_leases[#missing_leases + 1] = ARGV[i]
+    missing_leases[#missing_leases + 1] = m
   end
 end
-for i = 5 + n, #ARGV, 2 do
+for i = 6 + n, 5 + n + 2 * w, 2 do
+  local m, info = ARGV[i], clients[ARGV[i]]
   if force then
-    redis.call('ZADD', K_QUEUE, ARGV[i + 1], ARGV[i])
-    redis.call('ZADD', K_ALIVE, until_ms, ARGV[i])
-  elseif redis.call('ZSCORE', K_ALIVE, ARGV[i]) then
-    redis.call('ZADD', K_ALIVE, until_ms, ARGV[i])
+    redis.call('ZADD', K_ALIVE, until_ms, m)
+    if info then
+      redis.call('HSET', K_WCLIENT, m, info[1])
+      if info[2] then redis.call('HSET', K_CAPS, info[1], info[2]) end
+    end
+    if info and info[2] then
+      redis.call('ZADD', cq(info[1]), ARGV[i + 1], m)
+      touched[info[1]] = true
+    else
+      redis.call('ZADD', K_QUEUE, ARGV[i + 1], m)
+    end
+  elseif redis.call('ZSCORE', K_ALIVE, m) then
+    redis.call('ZADD', K_ALIVE, until_ms, m)
   else
-    missing_waiters[#missing_waiters + 1] = ARGV[i]
+    missing_waiters[#missing_waiters + 1] = m
   end
 end
+for c in pairs(touched) do sync(c) end
 redis.call('ZADD', K_INSTANCES, until_ms, INSTANCE)
 redis.call('ZREMRANGEBYSCORE', K_INSTANCES, '-inf', now)
 -- Leases nobody renewed any more: those slots stopped counting when they expired;
 -- drop them now and report them once (the caller journals slot_reclaimed).
 local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now)
-for _, m in ipairs(expired) do redis.call('ZREM', K_LEASES, m) end
-local dead = redis.call('ZRANGEBYSCORE', K_ALIVE, '-inf', now)
-for _, m in ipairs(dead) do
-  redis.call('ZREM', K_QUEUE, m)
-  redis.call('ZREM', K_ALIVE, m)
+for _, m in ipairs(expired) do
+  redis.call('ZREM', K_LEASES, m)
+  drop_client_lease(m)
 end
+local dead = redis.call('ZRANGEBYSCORE', K_ALIVE, '-inf', now)
+for _, m in ipairs(dead) do drop_waiter(m) end
 if (#expired > 0 or #dead > 0) and redis.call('ZCARD', K_QUEUE) > 0 then
   redis.call('PUBLISH', CHANNEL, 'w 0')
 end
@@ -455,8 +564,24 @@ for _, inst in ipairs(redis.call('ZRANGEBYSCORE', K_INSTANCES, AFTER_NOW, '+inf'
   per[inst] = per[inst] or {0, 0, 0}
 end
 for inst, c in pairs(per) do rows[#rows + 1] = {inst, c[1], c[2], c[3]} end
+-- Per client: its running leases and its waiters (cooling slots are nobody's).
+local by_client, client_rows = {}, {}
+local function tally(members, i)
+  for _, m in ipairs(members) do
+    local c = redis.call('HGET', K_WCLIENT, m)
+    if c then
+      by_client[c] = by_client[c] or {0, 0}
+      by_client[c][i] = by_client[c][i] + 1
+    end
+  end
+end
+if redis.call('HLEN', K_WCLIENT) > 0 then
+  tally(redis.call('ZRANGEBYSCORE', K_LEASES, AFTER_NOW, '+inf'), 1)
+  tally(redis.call('ZRANGEBYSCORE', K_ALIVE, AFTER_NOW, '+inf'), 2)
+end
+for c, n in pairs(by_client) do client_rows[#client_rows + 1] = {c, n[1], n[2]} end
 return {'status', redis.call('GET', K_USAGE) or '', state_reply(st), running, cooling, queued,
-  rows}
+  rows, client_rows}
 """
 )
 
@@ -516,7 +641,7 @@ return {'ok', limit_src .. '|' .. cooldown_src, state_reply(st)}
 
 # ARGV[3..9] the state to seed if Redis lost it: limit, cooldown_ms, auto_reduced,
 # auto_reduced_from, epoch, limit_basis, cooldown_basis; [10] n, then the leases this
-# replica holds.
+# replica holds, then (lease, client, max_in_flight or "") triples for those of a client.
 _REJOIN = r"""
 local seeded = '0'
 if redis.call('EXISTS', K_STATE) == 0 then
@@ -527,19 +652,28 @@ if redis.call('EXISTS', K_STATE) == 0 then
 end
 -- Forget what this replica left behind while it could not reach Redis (slots it has
 -- released since, waiters now queued locally), then count the slots it still holds.
-local held = {}
-for i = 11, 10 + tonumber(ARGV[10]) do held[ARGV[i]] = true end
+local held, n = {}, tonumber(ARGV[10])
+for i = 11, 10 + n do held[ARGV[i]] = true end
 for _, m in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
-  if owner(m) == INSTANCE and not held[m] then redis.call('ZREM', K_LEASES, m) end
-end
-for _, m in ipairs(redis.call('ZRANGE', K_QUEUE, 0, -1)) do
-  if owner(m) == INSTANCE then
-    redis.call('ZREM', K_QUEUE, m)
-    redis.call('ZREM', K_ALIVE, m)
+  if owner(m) == INSTANCE and not held[m] then
+    redis.call('ZREM', K_LEASES, m)
+    drop_client_lease(m)
   end
+end
+-- Every waiter is in `alive`, a capped client's too (`queue` holds only its turn).
+for _, m in ipairs(redis.call('ZRANGE', K_ALIVE, 0, -1)) do
+  if owner(m) == INSTANCE then drop_waiter(m) end
 end
 local until_ms = ms(now + LEASE_MS)
 for m in pairs(held) do redis.call('ZADD', K_LEASES, until_ms, m) end
+local touched = {}
+for i = 11 + n, #ARGV, 3 do
+  local m, c, cap = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if cap then redis.call('HSET', K_CAPS, c, ARGV[i + 2]) end
+  client_lease(m, c, cap, until_ms)
+  touched[c] = true
+end
+for c in pairs(touched) do sync(c) end
 redis.call('ZADD', K_INSTANCES, until_ms, INSTANCE)
 redis.call('ZREMRANGEBYSCORE', K_INSTANCES, '-inf', now)
 if redis.call('ZCARD', K_QUEUE) > 0 then redis.call('PUBLISH', CHANNEL, 'w 0') end
@@ -625,8 +759,17 @@ class InstanceRow:
 
 
 @dataclass(frozen=True)
+class ClientRow:
+    """A client's cluster-wide share: its running leases and its waiters."""
+
+    client_id: str
+    running: int
+    queued: int
+
+
+@dataclass(frozen=True)
 class Census:
-    """Cluster-wide figures plus the per-replica breakdown."""
+    """Cluster-wide figures plus the per-replica (and per-client) breakdown."""
 
     state: Shared
     running: int
@@ -634,6 +777,7 @@ class Census:
     queued: int
     upstream_sessions: int | None
     instances: tuple[InstanceRow, ...]
+    clients: tuple[ClientRow, ...] = ()
 
 
 def owner(member: str) -> str:
@@ -643,6 +787,19 @@ def owner(member: str) -> str:
 
 def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
+
+
+ClientOf = Mapping[str, tuple[str, int | None]]
+"""A lease or waiter member -> its client id and that client's `max_in_flight`."""
+
+
+def _client_triples(members: Sequence[str], clients: ClientOf) -> list[str]:
+    return [
+        x
+        for m in members
+        if (found := clients.get(m)) is not None
+        for x in (m, found[0], _opt(found[1]))
+    ]
 
 
 class Scripts:
@@ -696,10 +853,22 @@ class Scripts:
         max_queue: int,
         gated: bool,
         poll_lock_ms: int,
+        client: str | None = None,
+        cap: int | None = None,
     ) -> Reply:
+        """Queue (or admit at once) one request; `client` and its `cap` (its
+        `max_in_flight` for this provider, None for none) when a client sent it."""
         return Reply.parse(
             await self._run(
-                "admit", repr(prompt_ms), tie, local_id, max_queue, int(gated), poll_lock_ms
+                "admit",
+                repr(prompt_ms),
+                tie,
+                local_id,
+                max_queue,
+                int(gated),
+                poll_lock_ms,
+                client or "",
+                _opt(cap) if client else "",
             )
         )
 
@@ -756,10 +925,20 @@ class Scripts:
         )
 
     async def renew(
-        self, leases: Sequence[str], waiters: Sequence[tuple[str, float]], *, force: bool = False
+        self,
+        leases: Sequence[str],
+        waiters: Sequence[tuple[str, float]],
+        *,
+        force: bool = False,
+        clients: ClientOf | None = None,
     ) -> Renewal:
+        """Renew leases and waiters; with `force`, register again what Redis lost,
+        tagged with its client from `clients`."""
         pairs = [x for member, prompt in waiters for x in (member, repr(prompt))]
-        raw = await self._run("renew", int(force), len(leases), *leases, *pairs)
+        triples = _client_triples([*leases, *(m for m, _ in waiters)], clients) if clients else []
+        raw = await self._run(
+            "renew", int(force), len(leases), len(waiters), *leases, *pairs, *triples
+        )
         if raw[0] == "nostate":
             raise NoState
         return Renewal(
@@ -786,6 +965,7 @@ class Scripts:
             queued=int(raw[5]),
             upstream_sessions=int(usage) if usage.isdigit() else None,
             instances=tuple(rows),
+            clients=tuple(ClientRow(str(r[0]), int(r[1]), int(r[2])) for r in raw[7]),
         )
 
     async def set_limit(self, limit: int | None) -> Shared:
@@ -806,9 +986,11 @@ class Scripts:
         seed: Shared,
         basis: tuple[int | None, int],
         leases: Sequence[str],
+        clients: ClientOf | None = None,
     ) -> tuple[bool, Shared, int]:
         """Seed the state if Redis lost it, drop this replica's stale entries, register
-        the slots it holds. Returns (seeded, state, replicas)."""
+        the slots it holds (with their clients, from `clients`). Returns (seeded,
+        state, replicas)."""
         raw = await self._run(
             "rejoin",
             _opt(seed.limit),
@@ -820,6 +1002,7 @@ class Scripts:
             basis[1],
             len(leases),
             *leases,
+            *(_client_triples(leases, clients) if clients else []),
         )
         return raw[1] == "1", Shared.parse(raw[2]), int(raw[3])
 

@@ -65,6 +65,16 @@ def status_json(status: LimiterStatus, cluster: ClusterView | None = None) -> di
     body["cooling"] = status.cooling
     body["usageGate"] = status.usage_gate
     body["upstreamSessions"] = status.upstream_sessions
+    if status.clients:  # only with [[clients]] configured
+        body["clients"] = [
+            {
+                "clientId": c.client_id,
+                "inFlight": c.in_flight,
+                "queued": c.queued,
+                "maxInFlight": c.max_in_flight,
+            }
+            for c in status.clients
+        ]
     if cluster is not None:
         mode: dict[str, Any] = {
             "mode": cluster.mode,

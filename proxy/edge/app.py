@@ -16,6 +16,7 @@ import structlog
 from starlette.applications import Starlette
 
 from proxy.edge import admin
+from proxy.edge.clients import ClientKeys
 from proxy.edge.logs import Redactor
 from proxy.edge.metrics import Metrics
 from proxy.edge.relay import Receive, Relay, Scope, Send, send_error
@@ -25,7 +26,13 @@ from proxy.runtime.control import Control
 from proxy.runtime.prompt_times import LocalPromptTimes, PromptTimes
 from proxy.runtime.provider import AdmissionFactory, Provider
 from proxy.runtime.store import Store
-from proxy.settings import ProviderConfig, Settings, resolve_providers, secrets
+from proxy.settings import (
+    ProviderConfig,
+    Settings,
+    resolve_clients,
+    resolve_providers,
+    secrets,
+)
 from proxy.upstream.transport import Transport
 
 if TYPE_CHECKING:
@@ -51,7 +58,12 @@ class Sluice:
         self.control: Control | None = None
         self.cluster: ClusterHub | None = None  # cluster mode: the shared Redis
         self.metrics = Metrics(lambda: [p.admission for p in self.providers.values()])
-        self.relay = Relay(settings.server.max_body_bytes, self.metrics.requests)
+        clients = resolve_clients(settings)
+        self.relay = Relay(
+            settings.server.max_body_bytes,
+            self.metrics.requests,
+            ClientKeys(clients) if clients else None,
+        )
         self.web = Starlette(
             routes=admin.routes(
                 self.providers,

@@ -184,6 +184,15 @@ class _LimiterCollector(Collector):
             "Proxied requests by how they ended",
             labels=["provider", "outcome"],
         )
+        # Labelled by configured client ids only, so the series stay bounded.
+        client_in_flight = GaugeMetricFamily(
+            "sluice_client_in_flight",
+            "A client's running requests (cooling slots count only toward the limit)",
+            labels=["provider", "client"],
+        )
+        client_queued = GaugeMetricFamily(
+            "sluice_client_queued", "A client's requests waiting", labels=["provider", "client"]
+        )
         fallback = GaugeMetricFamily(
             "sluice_cluster_fallback",
             "1 while this replica cannot reach Redis and admits only its local share",
@@ -215,6 +224,9 @@ class _LimiterCollector(Collector):
             polls.add_metric([*pid, "room"], c.usage_polls_room)
             polls.add_metric([*pid, "full"], c.usage_polls_full)
             polls.add_metric([*pid, "no_info"], c.usage_polls_no_info)
+            for share in status.clients:
+                client_in_flight.add_metric([*pid, share.client_id], share.in_flight)
+                client_queued.add_metric([*pid, share.client_id], share.queued)
             outcomes = self._requests.outcomes
             for name in OUTCOMES:
                 requests.add_metric([*pid, name], outcomes[limiter.provider_id, name])
@@ -227,6 +239,9 @@ class _LimiterCollector(Collector):
         yield from counters.values()
         yield requests
         yield polls
+        if client_in_flight.samples:  # with [[clients]] only
+            yield client_in_flight
+            yield client_queued
         if fallback.samples:  # cluster mode only
             yield fallback
 

@@ -18,6 +18,7 @@ import structlog
 from proxy.admission import Policy, Rejection
 from proxy.admission.reduce import ANSWER_HEAD_BYTES, Answer
 from proxy.edge import logs
+from proxy.edge.clients import ClientKeys
 from proxy.edge.headers import MIN_EPOCH_MS, prompt_started_at_ms, retry_after_s
 from proxy.edge.metrics import Requests
 from proxy.edge.routing import Route
@@ -136,6 +137,7 @@ class Exchange:
 
     __slots__ = (
         "bytes",
+        "client",
         "conversation_id",
         "failure",
         "method",
@@ -158,6 +160,7 @@ class Exchange:
         self.queue_ms: int | None = None
         self.upstream_ms: int | None = None
         self.bytes = 0
+        self.client: str | None = None  # the calling client's id, with [[clients]] set
         self.conversation_id: str | None = None
         self.prompt_started_at: int | None = None  # epoch ms, on admitted requests
         self.prompt_source: str | None = None  # header, agent, derived or arrival
@@ -169,8 +172,14 @@ class Exchange:
 class Relay:
     """Forwards one proxied request; `app.py` routes here."""
 
-    def __init__(self, max_body_bytes: int, requests: Requests | None = None) -> None:
+    def __init__(
+        self,
+        max_body_bytes: int,
+        requests: Requests | None = None,
+        clients: ClientKeys | None = None,
+    ) -> None:
         self.max_body_bytes = max_body_bytes
+        self.clients = clients  # None: no [[clients]], no client key asked for
         self.prompts: PromptTimes | None = None  # set at start (app.py)
         self.requests = requests if requests is not None else Requests()
 
@@ -183,6 +192,11 @@ class Relay:
         slot: Slot | None = None
         response: UpstreamResponse | None = None
         try:
+            if self.clients is not None:
+                # Before anything else: an unknown caller costs nothing upstream. The
+                # credential headers leave the request here, so the client key can
+                # never be forwarded, whatever the provider's own key.
+                ex.client, scope["headers"] = self.clients.identify(scope["headers"])
             length = _header(scope["headers"], b"content-length")
             declared = int(length) if length is not None and length.isdigit() else None
             body = await read_body(receive, self.max_body_bytes, declared)
@@ -261,7 +275,9 @@ class Relay:
         retries_left = provider.config.policy.retry_on_429
         while True:
             waited_from = loop.time()
-            outcome = await admission.admit(priority, conversation_id=ex.conversation_id, seq=seq)
+            outcome = await admission.admit(
+                priority, conversation_id=ex.conversation_id, seq=seq, client_id=ex.client
+            )
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):
                 raise _rejection_error(outcome, provider.id)

@@ -62,8 +62,15 @@ class LocalAdmission:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        client_id: str | None = None,
     ) -> Awaitable[Permit | Rejection]:
-        return admit(self.limiter, prompt_started_at, conversation_id=conversation_id, seq=seq)
+        return admit(
+            self.limiter,
+            prompt_started_at,
+            conversation_id=conversation_id,
+            seq=seq,
+            client_id=client_id,
+        )
 
     async def on_rate_limited(
         self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None

@@ -71,9 +71,11 @@ class Admission(Protocol):
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        client_id: str | None = None,
     ) -> Awaitable[Slot | Rejection]:
         """Wait for a slot (or a rejection). Cancelling the wait leaves the queue, and a
-        slot granted in that same instant is handed back."""
+        slot granted in that same instant is handed back. `client_id` names a
+        configured client: its `max_in_flight` for the provider applies."""
         ...
 
     async def on_rate_limited(
