@@ -28,12 +28,14 @@ class Record:
     upstream_ms: int | None = 345
     bytes: int = 6789
     conversation_id: str | None = None
+    client: str | None = None
     prompt_started_at: int | None = 1795830000123
     prompt_source: str | None = "derived"
 
     def fields(self) -> dict[str, object]:
         return {
             "bytes": self.bytes,
+            "client": self.client,
             "conversation_id": self.conversation_id,
             "method": self.method,
             "path": self.path,
@@ -55,6 +57,7 @@ RECORDS = [
     Record(conversation_id="café ☕ \\ backslash", path="/v1/a=b"),
     Record(method="GET", path="/v1/models", queue_ms=None, bytes=0, prompt_started_at=None),
     Record(prompt_source=None, prompt_started_at=None),
+    Record(client="team-a"),
 ]
 
 

@@ -82,6 +82,8 @@ class AccessRecord(Protocol):
     @property
     def bytes(self) -> int: ...
     @property
+    def client(self) -> str | None: ...
+    @property
     def conversation_id(self) -> str | None: ...
     @property
     def prompt_started_at(self) -> int | None: ...
@@ -135,7 +137,8 @@ class AccessLog:
         conversation_id = self._clean(r.conversation_id)
         if self._json:
             return (
-                f'{{"bytes": {r.bytes}, "conversation_id": {_json(conversation_id)}, '
+                f'{{"bytes": {r.bytes}, "client": {_json(r.client)}, '
+                f'"conversation_id": {_json(conversation_id)}, '
                 f'"method": {_json(method)}, "path": {_json(path)}, '
                 f'"prompt_source": {_json(r.prompt_source)}, '
                 f'"prompt_started_at": {_int(r.prompt_started_at)}, '
@@ -146,7 +149,8 @@ class AccessLog:
             )
         return (
             f"{now} [info     ] request                        [sluice.access] "
-            f"bytes={r.bytes} conversation_id={_console(conversation_id)} "
+            f"bytes={r.bytes} client={_console(r.client)} "
+            f"conversation_id={_console(conversation_id)} "
             f"method={_console(method)} path={_console(path)} "
             f"prompt_source={_console(r.prompt_source)} prompt_started_at={r.prompt_started_at} "
             f"provider={_console(r.provider)} "
