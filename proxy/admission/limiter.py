@@ -61,6 +61,7 @@ class Policy:
         "/messages",
     )
     derive_prompt_start: bool = True
+    queued_keepalive_s: float = 0.0  # > 0: a queued stream gets its 200 and comments
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,18 @@ class LimiterStatus:
     notice: str | None
     usage_gate: bool
     upstream_sessions: int | None  # the last successful /usage answer
+
+
+@dataclass(frozen=True)
+class WaiterInfo:
+    """One queued request as the queue listing shows it."""
+
+    position: int  # 1-based, in admission order
+    prompt_started_at: float  # the priority, as given to `acquire` (epoch ms at the edge)
+    prompt_source: str | None
+    conversation_id: str | None
+    client_id: str | None
+    waited_s: float
 
 
 @dataclass(frozen=True)
@@ -144,10 +157,13 @@ class Waiter:
 
     __slots__ = (
         "_limiter",
+        "client_id",
         "conversation_id",
         "on_done",
         "permit",
+        "prompt_source",
         "prompt_started_at",
+        "queued_at",
         "seq",
         "state",
         "timer",
@@ -160,6 +176,10 @@ class Waiter:
         seq: int,
         conversation_id: str | None,
         on_done: Callable[[Permit | Rejection], None],
+        *,
+        queued_at: float = 0.0,
+        prompt_source: str | None = None,
+        client_id: str | None = None,
     ) -> None:
         self._limiter = limiter
         self.prompt_started_at = prompt_started_at
@@ -169,6 +189,9 @@ class Waiter:
         self.state = _State.WAITING
         self.permit: Permit | None = None
         self.timer: Timer | None = None
+        self.queued_at = queued_at
+        self.prompt_source = prompt_source
+        self.client_id = client_id
 
     @property
     def waiting(self) -> bool:
@@ -225,6 +248,7 @@ class Limiter:
         self.auto_reduced_from: int | None = None
         self.upstream_sessions: int | None = None
         self.counters = LimiterCounters()
+        self.rate = events.AdmissionRate(clock())  # for the Retry-After of a refusal
 
         self._gate = _Gate.CLOSED
         self._polling = False
@@ -245,12 +269,15 @@ class Limiter:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        prompt_source: str | None = None,
+        client_id: str | None = None,
     ) -> Permit | Waiter | Rejection:
         """Admit now (a Permit), queue (a Waiter whose `on_done` gets the outcome),
         or refuse at once (a Rejection).
 
         `prompt_started_at` orders the queue (smaller first); `seq` breaks ties and
         lets a request that was sent back by a 429 keep its original place.
+        `prompt_source` and `client_id` only label the waiter in the queue listing.
         """
         if seq is None:
             seq = next(self._seq)
@@ -262,8 +289,18 @@ class Limiter:
         if not self._queue and now >= self._paused_until and self._free_slots(now) > 0:
             return self._admit(prompt_started_at, seq, conversation_id, now)
         if len(self._queue) >= policy.max_queue:
-            return Rejection("queue_full", self._retry_after_s(now))
-        waiter = Waiter(self, prompt_started_at, seq, conversation_id, on_done)
+            # A refused request would have waited behind the whole line.
+            return Rejection("queue_full", self._retry_after_s(now, len(self._queue)))
+        waiter = Waiter(
+            self,
+            prompt_started_at,
+            seq,
+            conversation_id,
+            on_done,
+            queued_at=now,
+            prompt_source=prompt_source,
+            client_id=client_id,
+        )
         self._queue.push(prompt_started_at, seq, waiter)
         waiter.timer = self._schedule(policy.queue_timeout_s, lambda: self._expire(waiter))
         self._pump()
@@ -333,6 +370,33 @@ class Limiter:
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
+    # ------------------------------------------------------------- the line
+
+    def position(self, waiter: Waiter) -> int | None:
+        """`waiter`'s 1-based place in admission order, or None once it stopped
+        waiting. Costs O(place) (see `WaitQueue.ahead`): cheap enough to ask for every
+        waiter every few seconds."""
+        if not waiter.waiting:
+            return None
+        return self._queue.ahead(waiter.prompt_started_at, waiter.seq) + 1
+
+    def waiters(self, offset: int = 0, limit: int = 100) -> list[WaiterInfo]:
+        """The queued requests from place `offset + 1` on, at most `limit`, in
+        admission order."""
+        now = self._clock()
+        first = self._queue.first(offset + limit)[offset:]
+        return [
+            WaiterInfo(
+                position=offset + i + 1,
+                prompt_started_at=w.prompt_started_at,
+                prompt_source=w.prompt_source,
+                conversation_id=w.conversation_id,
+                client_id=w.client_id,
+                waited_s=now - w.queued_at,
+            )
+            for i, w in enumerate(first)
+        ]
+
     # ----------------------------------------------------------------- status
 
     def status(self) -> LimiterStatus:
@@ -377,6 +441,7 @@ class Limiter:
         permit = Permit(self, prompt_started_at, seq, conversation_id, now, self._limit_epoch)
         self._running[seq] = permit
         self.counters.admitted += 1
+        self.rate.observe(now)
         self._arm_watchdog(now)
         return permit
 
@@ -430,8 +495,15 @@ class Limiter:
             and self._poll_usage is not None
         )
 
-    def _retry_after_s(self, now: float) -> int:
-        return events.retry_after_s(self._paused_until - now)
+    def _retry_after_s(self, now: float, ahead: int) -> int:
+        """A refusal's Retry-After: `ahead` waiters at the measured admission rate,
+        after the rest of any pause (events.retry_after_s)."""
+        return events.retry_after_s(
+            self._paused_until - now,
+            ahead=ahead,
+            admissions_per_s=self.rate.per_s(now),
+            cap_s=self.policy.queue_timeout_s,
+        )
 
     def _pump(self) -> None:
         """Admit waiters while the rules allow. Re-entrant calls (an `on_done` that
@@ -495,8 +567,16 @@ class Limiter:
     def _expire(self, waiter: Waiter) -> None:
         if waiter.state is _State.WAITING:
             waiter.timer = None
+            now = self._clock()
+            pause_left = self._paused_until - now
+            # Counted before it leaves the line; no further than the count that
+            # already gives the longest answer (many waiters can expire at once).
+            stop = events.saturating_ahead(
+                pause_left, self.rate.per_s(now), self.policy.queue_timeout_s
+            )
+            ahead = self._queue.ahead(waiter.prompt_started_at, waiter.seq, stop)
             self._drop(waiter, _State.EXPIRED)
-            waiter.on_done(Rejection("queue_timeout", self._retry_after_s(self._clock())))
+            waiter.on_done(Rejection("queue_timeout", self._retry_after_s(now, ahead)))
 
     # ---------------------------------------------------------------- usage gate
 

@@ -3,6 +3,11 @@
 Insert and pop are O(log n); cancelling is O(1) because a cancelled entry stays in
 the heap, marked dead, and is dropped when it reaches the top (lazy deletion, as
 aiolimiter does). `len()` counts only live entries.
+
+`ahead()` (a waiter's place in line) walks only the part of the heap that sorts
+before it: a heap node's subtree is never smaller than the node, so every subtree
+whose root sorts after the key is skipped. Its cost grows with the place asked
+about, not with the queue: O(1) for the head, O(n) at worst for the tail.
 """
 
 from __future__ import annotations
@@ -54,7 +59,43 @@ class WaitQueue(Generic[E]):
         self._live -= 1
         return entry
 
+    def ahead(self, prompt_started_at: float, seq: int, stop: int | None = None) -> int:
+        """How many live entries sort before `(prompt_started_at, seq)`; counting ends
+        once `stop` are found (the caller needs no more)."""
+        heap = self._heap
+        if stop is None:
+            stop = len(heap)
+        count = 0
+        if count >= stop or not heap:
+            return count
+        size = len(heap)
+        pending = [0]
+        while pending:
+            i = pending.pop()
+            at, s, entry = heap[i]
+            if at > prompt_started_at or (at == prompt_started_at and s >= seq):
+                continue  # this entry and everything under it go later
+            if entry.waiting:
+                count += 1
+                if count >= stop:
+                    return count
+            child = 2 * i + 1
+            if child < size:
+                pending.append(child)
+                if child + 1 < size:
+                    pending.append(child + 1)
+        return count
+
+    def first(self, n: int) -> list[E]:
+        """The first `n` live entries in admission order (O(n_heap log n))."""
+        live = (item for item in self._heap if item[2].waiting)
+        return [entry for _, _, entry in heapq.nsmallest(n, live, key=_order)]
+
     def clear_dead(self) -> None:
         """Drop every dead entry at once (used when the live count reaches zero)."""
         if self._live == 0:
             self._heap.clear()
+
+
+def _order(item: tuple[float, int, object]) -> tuple[float, int]:
+    return item[0], item[1]
