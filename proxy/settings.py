@@ -38,6 +38,7 @@ ENV_PREFIX = "SLUICE_"
 _HOST = re.compile(r"^[A-Za-z0-9._~\-]+$|^\[[0-9A-Fa-f:.]+\]$|^[0-9A-Fa-f:.]+$")
 MAX_LIMIT = 10_000
 MAX_COOLDOWN_MS = 3_600_000
+MIN_KEEPALIVE_S = 0.1
 
 
 def _not_bool(value: Any) -> Any:
@@ -103,12 +104,24 @@ class AdmissionSettings(_Section):
     retry_on_429: Count | None = None
     admitted_paths: tuple[str, ...] | None = None
     derive_prompt_start: bool | None = None
+    queued_keepalive_s: NonNegativeSeconds | None = None
 
     @model_validator(mode="after")
     def _paths_are_absolute(self) -> Self:
         for path in self.admitted_paths or ():
             if not path.startswith("/"):
                 raise ValueError(f"admitted_paths: {path!r} must start with '/'")
+        return self
+
+    @model_validator(mode="after")
+    def _keepalive_is_off_or_sane(self) -> Self:
+        # A comment every millisecond per waiter would cost more than it saves.
+        keepalive = self.queued_keepalive_s
+        if keepalive is not None and 0 < keepalive < MIN_KEEPALIVE_S:
+            raise ValueError(
+                f"queued_keepalive_s: must be 0 (off) or at least {MIN_KEEPALIVE_S:g} seconds,"
+                f" got {keepalive:g}"
+            )
         return self
 
     def overrides(self) -> dict[str, Any]:

@@ -73,6 +73,7 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
         "retry_on_429": 2,
         "admitted_paths": ["/chat/completions", "/completions", "/responses", "/messages"],
         "derive_prompt_start": True,
+        "queued_keepalive_s": 0,
         "prompt_memory_s": 86_400,
     },
     "cluster": {"redis_url": "", "lease_s": 15, "instance_id": ""},
@@ -95,6 +96,7 @@ PROVIDER_DEFAULTS: dict[str, Any] = {
     "retry_on_429": None,
     "admitted_paths": None,
     "derive_prompt_start": None,
+    "queued_keepalive_s": None,
 }
 
 # Every key set to a value that is not its default.
@@ -123,6 +125,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "retry_on_429": 5,
         "admitted_paths": ["/chat/completions", "/embeddings"],
         "derive_prompt_start": False,
+        "queued_keepalive_s": 15.5,
         "prompt_memory_s": 3600.5,
     },
     "cluster": {
@@ -150,6 +153,7 @@ NON_DEFAULT_PROVIDER: dict[str, Any] = {
     "retry_on_429": 0,
     "admitted_paths": ["/responses"],
     "derive_prompt_start": False,
+    "queued_keepalive_s": 2.5,
 }
 # `api_key` excludes `api_key_env`, so it gets a provider of its own.
 KEYED_PROVIDER: dict[str, Any] = {
@@ -603,6 +607,18 @@ ERROR_CASES = [
         {},
         "admission.retry_on_429",
         id="negative-retries",
+    ),
+    pytest.param(
+        "[admission]\nqueued_keepalive_s = 0.01\n" + PROVIDER_TOML,
+        {},
+        "admission.queued_keepalive_s",
+        id="keepalive-too-often",
+    ),
+    pytest.param(
+        PROVIDER_TOML + "queued_keepalive_s = -1\n",
+        {},
+        "providers[0].queued_keepalive_s",
+        id="negative-keepalive",
     ),
     pytest.param(
         "[admission]\nusage_poll_interval_ms = 0\n" + PROVIDER_TOML,

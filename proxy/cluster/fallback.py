@@ -75,9 +75,16 @@ class LocalShare:
         *,
         conversation_id: str | None,
         seq: int,
+        prompt_source: str | None = None,
+        client_id: str | None = None,
     ) -> Permit | Waiter | Rejection:
         return self.limiter.acquire(
-            prompt_started_at, on_done, conversation_id=conversation_id, seq=seq
+            prompt_started_at,
+            on_done,
+            conversation_id=conversation_id,
+            seq=seq,
+            prompt_source=prompt_source,
+            client_id=client_id,
         )
 
     def close(self) -> None:
