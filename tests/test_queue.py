@@ -177,3 +177,26 @@ def test_first_lists_live_entries_in_admission_order() -> None:
     kill(queue, items["b"])
     assert [item.name for item in queue.first(10)] == ["a", "c", "d"]
     assert [item.name for item in queue.first(2)] == ["a", "c"]
+
+
+def test_place_agrees_with_ahead_before_and_after_it_sorts_and_after_changes() -> None:
+    queue: WaitQueue[Item] = WaitQueue()
+    items = [Item(str(i)) for i in range(50)]
+    for seq, item in enumerate(items):
+        queue.push(float((seq * 7) % 13), seq, item)
+
+    def check() -> None:
+        for seq, item in enumerate(items):
+            if item.waiting:
+                expected = queue.ahead(float((seq * 7) % 13), seq)
+                assert queue.place(float((seq * 7) % 13), seq, item) == expected
+
+    check()  # the first questions walk the heap, the rest read the sorted table
+    check()
+    kill(queue, items[3])
+    check()
+    queue.pop().waiting = False
+    check()
+    queue.push(0.0, 99, extra := Item("new"))
+    assert queue.place(0.0, 99, extra) == queue.ahead(0.0, 99) == 3  # seqs 13, 26, 39
+    check()

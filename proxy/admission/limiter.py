@@ -374,11 +374,11 @@ class Limiter:
 
     def position(self, waiter: Waiter) -> int | None:
         """`waiter`'s 1-based place in admission order, or None once it stopped
-        waiting. Costs O(place) (see `WaitQueue.ahead`): cheap enough to ask for every
-        waiter every few seconds."""
+        waiting. O(1) while the line does not change, else O(place) (see
+        `WaitQueue.place`): cheap enough to ask for every waiter every few seconds."""
         if not waiter.waiting:
             return None
-        return self._queue.ahead(waiter.prompt_started_at, waiter.seq) + 1
+        return self._queue.place(waiter.prompt_started_at, waiter.seq, waiter) + 1
 
     def waiters(self, offset: int = 0, limit: int = 100) -> list[WaiterInfo]:
         """The queued requests from place `offset + 1` on, at most `limit`, in
