@@ -10,7 +10,8 @@
     │   └── BodyTooLarge       413, over server.max_body_bytes
     ├── UpstreamError          the provider could not be reached or went silent
     │   ├── UpstreamUnavailable  502, connect failure or timeout, reset before the headers
-    │   └── UpstreamTimeout      504, no byte for read_timeout_s
+    │   ├── UpstreamTimeout      504, no byte for read_timeout_s
+    │   └── UpstreamStatus       an upstream error status after a queued stream's early 200
     └── AdmissionRejected      503 with Retry-After: the queue is full or the wait timed out
 
 Lower-layer exceptions (httpx, sqlite3) are mapped to these once, at the edge that
@@ -100,6 +101,21 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered `status` to a request whose 200 already went out while it
+    was queued (the keepalive): it can only be told inside the stream. `native` says
+    whether `type` came from the upstream's own error body."""
+
+    def __init__(
+        self, status: int, message: str, *, type_: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.native = type_ is not None
+        self.type = type_ or "sluice_upstream_error"
+        self.code = code or f"upstream_{status}"
 
 
 class AdmissionRejected(HTTPError):

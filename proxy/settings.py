@@ -43,6 +43,7 @@ ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _HOST = re.compile(r"^[A-Za-z0-9._~\-]+$|^\[[0-9A-Fa-f:.]+\]$|^[0-9A-Fa-f:.]+$")
 MAX_LIMIT = 10_000
 MAX_COOLDOWN_MS = 3_600_000
+MIN_KEEPALIVE_S = 0.1
 
 
 def _not_bool(value: Any) -> Any:
@@ -111,6 +112,7 @@ class AdmissionSettings(_Section):
     reduce_on_429: ReduceRule | None = None
     reduce_on_429_match: str | None = None
     restore_after_s: NonNegativeSeconds | None = None
+    queued_keepalive_s: NonNegativeSeconds | None = None
 
     @model_validator(mode="after")
     def _paths_are_absolute(self) -> Self:
@@ -128,6 +130,17 @@ class AdmissionSettings(_Section):
                 raise ValueError(
                     f"reduce_on_429_match: not a valid Python regular expression ({exc})"
                 ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _keepalive_is_off_or_sane(self) -> Self:
+        # A comment every millisecond per waiter would cost more than it saves.
+        keepalive = self.queued_keepalive_s
+        if keepalive is not None and 0 < keepalive < MIN_KEEPALIVE_S:
+            raise ValueError(
+                f"queued_keepalive_s: must be 0 (off) or at least {MIN_KEEPALIVE_S:g} seconds,"
+                f" got {keepalive:g}"
+            )
         return self
 
     def overrides(self) -> dict[str, Any]:

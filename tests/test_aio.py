@@ -116,3 +116,65 @@ async def test_cancel_then_grant_before_the_task_resumes_hands_the_slot_back() -
     assert (status.in_flight, status.queued) == (1, 0)
     permit.release()
     assert limiter.status().in_flight == 0
+
+
+class Ticks:
+    """A keepalive that records the positions it is told, and lets a test wait for
+    the n-th tick."""
+
+    interval_s = 0.01
+
+    def __init__(self) -> None:
+        self.positions: list[int | None] = []
+        self.ticked = asyncio.Event()
+
+    async def tick(self, position: int | None) -> None:
+        self.positions.append(position)
+        self.ticked.set()
+
+    async def until(self, n: int) -> None:
+        while len(self.positions) < n:
+            self.ticked.clear()
+            await asyncio.wait_for(self.ticked.wait(), 5)
+
+
+async def test_keepalive_ticks_with_the_place_in_line_until_admitted() -> None:
+    limiter = make_limiter(1)
+    holder = permit_of(await admit(limiter, 1.0))
+    ahead = asyncio.create_task(admit(limiter, 2.0))
+    ticks = Ticks()
+    task = asyncio.create_task(admit(limiter, 3.0, keepalive=ticks))
+    await ticks.until(2)
+    holder.release()  # `ahead` goes first; this one is next
+    await settle()
+    permit_of(ahead.result()).release()
+    permit = await granted(task)
+    assert ticks.positions[:2] == [2, 2]
+    assert set(ticks.positions[2:]) <= {1}
+    count = len(ticks.positions)
+    await asyncio.sleep(0.05)
+    assert len(ticks.positions) == count  # no tick once admitted
+    permit.release()
+
+
+async def test_keepalive_never_ticks_for_a_request_admitted_at_once() -> None:
+    limiter = make_limiter(1)
+    ticks = Ticks()
+    permit = permit_of(await admit(limiter, 1.0, keepalive=ticks))
+    await asyncio.sleep(0.05)
+    assert ticks.positions == []
+    permit.release()
+
+
+async def test_cancelled_while_ticking_leaves_the_queue() -> None:
+    limiter = make_limiter(1)
+    holder = permit_of(await admit(limiter, 1.0))
+    ticks = Ticks()
+    task = asyncio.create_task(admit(limiter, 2.0, keepalive=ticks))
+    await ticks.until(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert limiter.status().queued == 0
+    holder.release()
+    assert limiter.status().in_flight == 0

@@ -407,3 +407,109 @@ async def test_the_local_share_applies_client_caps(tmp_path: Any) -> None:
             assert status.clients[0].in_flight == 1
             held.release()
             assert isinstance(await asyncio.wait_for(capped, 2), ClusterSlot)
+
+
+# ------------------------------------------ the shared line: listing, place, Retry-After
+
+
+class Ticks:
+    """A keepalive recording the places it is told."""
+
+    interval_s = 0.05
+
+    def __init__(self) -> None:
+        self.positions: list[int | None] = []
+
+    async def tick(self, position: int | None) -> None:
+        self.positions.append(position)
+
+
+async def test_the_queue_listing_is_cluster_wide_in_admission_order(url: str) -> None:
+    async with replicas(url, 2, limit=1) as (a, b):
+        holder = await slot(a, 0)
+        plan = [(b, 300.0, "c3", "derived"), (a, 100.0, "c1", "header"), (b, 200.0, "c2", None)]
+        tasks = []
+        for node, prompt, conversation, source in plan:
+            tasks.append(
+                asyncio.create_task(
+                    node.admission.admit(
+                        prompt,
+                        conversation_id=conversation,
+                        prompt_source=source,
+                        client_id="team-a" if node is b else None,
+                    )
+                )
+            )
+            await eventually(functools.partial(_queued, a, len(tasks)))
+
+        async def listed() -> list[Any]:
+            found = await a.admission.waiters(0, 10)
+            # The metadata lands just after the enqueue: wait until all of it is there.
+            return found if all(w.conversation_id for w in found) else []
+
+        waiters = await eventually(listed)
+        assert [(w.position, w.prompt_started_at, w.conversation_id) for w in waiters] == [
+            (1, 100.0, "c1"),
+            (2, 200.0, "c2"),
+            (3, 300.0, "c3"),
+        ]
+        assert [(w.prompt_source, w.client_id) for w in waiters] == [
+            ("header", None),
+            (None, "team-a"),
+            ("derived", "team-a"),
+        ]
+        assert all(0 <= w.waited_s < 10 for w in waiters)
+        page = await b.admission.waiters(1, 1)
+        assert [(w.position, w.conversation_id) for w in page] == [(2, "c2")]
+        holder.release()
+        for next_done in asyncio.as_completed(tasks, timeout=10):  # one slot: in turn
+            outcome = await next_done
+            assert isinstance(outcome, ClusterSlot)
+            outcome.release()
+
+
+async def test_keepalive_positions_come_from_the_shared_line(url: str) -> None:
+    async with replicas(url, 2, limit=1) as (a, b):
+        holder = await slot(a, 0)
+        ahead = asyncio.create_task(a.admission.admit(1))
+        await eventually(lambda: _queued(a, 1))
+        ticks = Ticks()
+        task = asyncio.create_task(b.admission.admit(2, keepalive=ticks))
+        await eventually(lambda: 2 in ticks.positions)
+        holder.release()
+        first = await asyncio.wait_for(ahead, 10)
+        assert isinstance(first, ClusterSlot)
+        await eventually(lambda: 1 in ticks.positions)
+        first.release()
+        second = await asyncio.wait_for(task, 10)
+        assert isinstance(second, ClusterSlot)
+        second.release()
+        assert set(ticks.positions) <= {None, 1, 2}
+
+
+async def test_queue_full_retry_after_uses_the_shared_rate_and_grows_with_the_queue(
+    url: str,
+) -> None:
+    async def refused(max_queue: int) -> int:
+        async with replicas(url, 2, limit=1, max_queue=max_queue) as (a, b):
+            for _ in range(10):  # admissions on both replicas, shared through Redis
+                (await slot(a, 0)).release()
+                (await slot(b, 0)).release()
+                await eventually(lambda: _in_flight(a, 0))
+            await a.admission.renew()
+            await b.admission.renew()
+            holder = await slot(a, 0)
+            waiting = [asyncio.create_task(b.admission.admit(1)) for _ in range(max_queue)]
+            await eventually(lambda: _queued(a, max_queue))
+            outcome = await a.admission.admit(5)
+            assert isinstance(outcome, Rejection)
+            assert outcome.reason == "queue_full"
+            holder.release()
+            for next_done in asyncio.as_completed(waiting, timeout=10):
+                got = await next_done
+                assert isinstance(got, ClusterSlot)
+                got.release()
+            return outcome.retry_after_s
+
+    short, long = await refused(1), await refused(40)
+    assert 1 <= short < long, (short, long)

@@ -630,7 +630,9 @@ def test_queue_full_while_paused_carries_the_remaining_pause_as_retry_after() ->
     rig.wait("w1")
     rig.ft.advance(1.0)
     refused = rig.acquire("w2")
-    assert refused == Rejection("queue_full", 7)  # ceil(6.5 s left)
+    # 6.5 s of pause left, then the waiter ahead and this one at the measured rate
+    # (one admission in the last second: ~1/s): ceil(6.5 + 2.02).
+    assert refused == Rejection("queue_full", 9)
     assert rig.status().queued == 1
 
 
@@ -881,3 +883,111 @@ def test_status_reports_the_usage_gate_only_with_a_poller_and_a_limit() -> None:
     unlimited = gated_rig()
     unlimited.limiter.set_limit(None)
     assert unlimited.status().usage_gate is False
+
+
+# ------------------------------------------------- the line: place, listing, Retry-After
+
+
+def test_position_is_the_place_in_admission_order() -> None:
+    rig = Rig(Policy(limit=1, cooldown_ms=0))
+    first = rig.hold("a")
+    late = rig.wait("late", prompt=30.0)
+    early = rig.wait("early", prompt=10.0)
+    middle = rig.wait("middle", prompt=20.0)
+    positions = [rig.limiter.position(w) for w in (early, middle, late)]
+    assert positions == [1, 2, 3]
+    middle.cancel()
+    assert rig.limiter.position(late) == 2
+    assert rig.limiter.position(middle) is None
+    first.release()
+    assert rig.limiter.position(early) is None  # admitted
+    assert rig.limiter.position(late) == 1
+
+
+def test_waiters_lists_the_line_with_its_labels() -> None:
+    rig = Rig(Policy(limit=1, cooldown_ms=0))
+    rig.hold("a")
+    rig.limiter.acquire(
+        30.0, lambda _: None, conversation_id="c3", prompt_source="arrival", client_id="team-b"
+    )
+    rig.ft.advance(2.0)
+    rig.limiter.acquire(10.0, lambda _: None, conversation_id="c1", prompt_source="header")
+    rig.ft.advance(0.5)
+    listed = rig.limiter.waiters()
+    assert [(w.position, w.prompt_started_at, w.conversation_id) for w in listed] == [
+        (1, 10.0, "c1"),
+        (2, 30.0, "c3"),
+    ]
+    assert (listed[0].prompt_source, listed[0].client_id, listed[0].waited_s) == (
+        "header",
+        None,
+        0.5,
+    )
+    assert (listed[1].prompt_source, listed[1].client_id, listed[1].waited_s) == (
+        "arrival",
+        "team-b",
+        2.5,
+    )
+    assert [w.position for w in rig.limiter.waiters(offset=1, limit=5)] == [2]
+    assert rig.limiter.waiters(offset=2) == []
+
+
+def _timeout_retry_afters(admissions: int, over_s: float) -> list[int]:
+    """Retry-After of five waiters that time out together (after 20 s), in line
+    order, after `admissions` admissions spread over `over_s` seconds."""
+    rig = Rig(Policy(limit=1, cooldown_ms=0, queue_timeout_s=20.0))
+    for i in range(admissions):
+        rig.hold(f"warm{i}").release()
+        rig.ft.advance(over_s / admissions)
+    rig.hold("holder")
+    # Queued tail first, so that each times out with the whole line still ahead of it.
+    names = [f"w{i}" for i in range(5)]
+    for i, name in enumerate(reversed(names)):
+        rig.wait(name, prompt=float(len(names) - i))
+    rig.ft.advance(20.0)
+    answers = []
+    for name in names:
+        [outcome] = rig.outcomes[name]
+        assert isinstance(outcome, Rejection)
+        assert outcome.reason == "queue_timeout"
+        answers.append(outcome.retry_after_s)
+    return answers
+
+
+def test_queue_timeout_retry_after_grows_with_the_waiters_ahead() -> None:
+    answers = _timeout_retry_afters(admissions=600, over_s=600.0)
+    assert answers == sorted(answers)
+    assert answers[0] < answers[-1]
+    assert answers[0] >= 1
+    assert answers[-1] <= 20
+
+
+def test_queue_timeout_retry_after_shrinks_with_a_faster_admission_rate() -> None:
+    slow = _timeout_retry_afters(admissions=600, over_s=600.0)
+    fast = _timeout_retry_afters(admissions=2400, over_s=600.0)
+    assert all(f < s for f, s in zip(fast, slow, strict=True)), (fast, slow)
+
+
+def test_queue_full_retry_after_grows_with_the_queue() -> None:
+    def refused_after(max_queue: int) -> int:
+        rig = Rig(Policy(limit=1, cooldown_ms=0, max_queue=max_queue))
+        for i in range(100):
+            rig.hold(f"warm{i}").release()
+            rig.ft.advance(0.5)
+        rig.hold("holder")
+        for i in range(max_queue):
+            rig.wait(f"w{i}")
+        refused = rig.acquire("refused")
+        assert isinstance(refused, Rejection)
+        return refused.retry_after_s
+
+    answers = [refused_after(n) for n in (1, 10, 50)]
+    assert answers[0] < answers[1] < answers[2], answers
+
+
+def test_retry_after_with_nothing_admitted_lately_is_the_queue_timeout() -> None:
+    rig = Rig(Policy(limit=1, cooldown_ms=0, max_queue=1, queue_timeout_s=90.0, slot_timeout_s=1e5))
+    rig.hold("holder")
+    rig.ft.advance(3600.0)  # an hour with one admission: the rate has decayed to nothing
+    rig.wait("w")
+    assert rig.acquire("refused") == Rejection("queue_full", 90)

@@ -128,3 +128,75 @@ def test_pop_order_is_the_sorted_order_of_live_entries(
     assert len(queue) == len(expected)
     assert drain(queue) == [f"{prompt}/{seq}" for prompt, seq in expected]
     assert queue.peek() is None
+
+
+# --- a waiter's place in line (keepalive position, Retry-After) ---------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 20), st.booleans()), min_size=0, max_size=60),
+    st.integers(0, 21),
+    st.integers(0, 70),
+)
+def test_ahead_counts_the_live_entries_that_sort_first(
+    entries: list[tuple[int, bool]], prompt: int, seq: int
+) -> None:
+    queue: WaitQueue[Item] = WaitQueue()
+    items = []
+    for i, (at, _) in enumerate(entries):
+        item = Item(str(i))
+        queue.push(float(at), i, item)
+        items.append(item)
+    for item, (_, dead) in zip(items, entries, strict=True):
+        if dead:
+            kill(queue, item)
+    expected = sum(
+        1
+        for i, ((at, dead), item) in enumerate(zip(entries, items, strict=True))
+        if item.waiting and (at, i) < (prompt, seq)
+    )
+    assert queue.ahead(float(prompt), seq) == expected
+    assert queue.ahead(float(prompt), seq, stop=3) == min(expected, 3)
+    assert queue.ahead(float(prompt), seq, stop=0) == 0
+
+
+def test_ahead_of_the_head_is_zero_and_of_the_tail_the_rest() -> None:
+    queue: WaitQueue[Item] = WaitQueue()
+    for seq in range(1000):
+        queue.push(float(1000 - seq), seq, Item(str(seq)))
+    assert queue.ahead(1.0, 999) == 0  # the oldest prompt, pushed last
+    assert queue.ahead(1000.0, 0) == 999
+
+
+def test_first_lists_live_entries_in_admission_order() -> None:
+    queue: WaitQueue[Item] = WaitQueue()
+    items = {name: Item(name) for name in "cadb"}
+    for seq, (name, prompt) in enumerate([("c", 30.0), ("a", 10.0), ("d", 40.0), ("b", 20.0)]):
+        queue.push(prompt, seq, items[name])
+    kill(queue, items["b"])
+    assert [item.name for item in queue.first(10)] == ["a", "c", "d"]
+    assert [item.name for item in queue.first(2)] == ["a", "c"]
+
+
+def test_place_agrees_with_ahead_before_and_after_it_sorts_and_after_changes() -> None:
+    queue: WaitQueue[Item] = WaitQueue()
+    items = [Item(str(i)) for i in range(50)]
+    for seq, item in enumerate(items):
+        queue.push(float((seq * 7) % 13), seq, item)
+
+    def check() -> None:
+        for seq, item in enumerate(items):
+            if item.waiting:
+                expected = queue.ahead(float((seq * 7) % 13), seq)
+                assert queue.place(float((seq * 7) % 13), seq, item) == expected
+
+    check()  # the first questions walk the heap, the rest read the sorted table
+    check()
+    kill(queue, items[3])
+    check()
+    queue.pop().waiting = False
+    check()
+    queue.push(0.0, 99, extra := Item("new"))
+    assert queue.place(0.0, 99, extra) == queue.ahead(0.0, 99) == 3  # seqs 13, 26, 39
+    check()

@@ -80,6 +80,7 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
         "reduce_on_429": "always",
         "reduce_on_429_match": "",
         "restore_after_s": 0,
+        "queued_keepalive_s": 0,
         "prompt_memory_s": 86_400,
     },
     "cluster": {"redis_url": "", "lease_s": 15, "instance_id": ""},
@@ -105,6 +106,7 @@ PROVIDER_DEFAULTS: dict[str, Any] = {
     "reduce_on_429": None,
     "reduce_on_429_match": None,
     "restore_after_s": None,
+    "queued_keepalive_s": None,
 }
 
 # Every key set to a value that is not its default.
@@ -136,6 +138,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "reduce_on_429": "never",  # "match" needs a pattern: set alone it is an error
         "reduce_on_429_match": "concurren(t|cy)",
         "restore_after_s": 300.5,
+        "queued_keepalive_s": 15.5,
         "prompt_memory_s": 3600.5,
     },
     "cluster": {
@@ -166,6 +169,7 @@ NON_DEFAULT_PROVIDER: dict[str, Any] = {
     "reduce_on_429": "never",
     "reduce_on_429_match": "^x-ratelimit-scope: concurrent$",
     "restore_after_s": 0,
+    "queued_keepalive_s": 2.5,
 }
 # `api_key` excludes `api_key_env`, so it gets a provider of its own.
 KEYED_PROVIDER: dict[str, Any] = {
@@ -654,6 +658,18 @@ ERROR_CASES = [
         {},
         "admission.retry_on_429",
         id="negative-retries",
+    ),
+    pytest.param(
+        "[admission]\nqueued_keepalive_s = 0.01\n" + PROVIDER_TOML,
+        {},
+        "admission.queued_keepalive_s",
+        id="keepalive-too-often",
+    ),
+    pytest.param(
+        PROVIDER_TOML + "queued_keepalive_s = -1\n",
+        {},
+        "providers[0].queued_keepalive_s",
+        id="negative-keepalive",
     ),
     pytest.param(
         "[admission]\nusage_poll_interval_ms = 0\n" + PROVIDER_TOML,

@@ -5,8 +5,47 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from proxy.admission.limiter import Limiter, Permit, Rejection, Waiter
+
+
+class Keepalive(Protocol):
+    """What a waiting request does every `interval_s` while it is queued: the edge
+    sends a queued stream its `: queued position=N` comments. `tick` runs in the
+    waiting request's own task, so one task writes the response: no second writer,
+    no task of its own per waiter."""
+
+    @property
+    def interval_s(self) -> float: ...
+
+    async def tick(self, position: int | None) -> None:
+        """`position`: 1-based place in admission order; None if not known now."""
+        ...
+
+
+class Alarm:
+    """Wakes a task waiting for `future` after `delay_s`, or when `future` is done,
+    whichever comes first: `await alarm.wake`, then `alarm.cancel()`. Not a coroutine
+    and not a task: it keeps no frame alive besides the waiting task's own, and costs
+    one `call_later` timer."""
+
+    __slots__ = ("_future", "_timer", "wake")
+
+    def __init__(self, future: asyncio.Future[Any], delay_s: float) -> None:
+        loop = future.get_loop()
+        self.wake: asyncio.Future[None] = loop.create_future()
+        self._future = future
+        self._timer = loop.call_later(delay_s, self._ring)
+        future.add_done_callback(self._ring)
+
+    def _ring(self, *_: object) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self._future.remove_done_callback(self._ring)
 
 
 async def admit(
@@ -15,11 +54,14 @@ async def admit(
     *,
     conversation_id: str | None = None,
     seq: int | None = None,
+    prompt_source: str | None = None,
     client_id: str | None = None,
+    keepalive: Keepalive | None = None,
 ) -> Permit | Rejection:
     """Wait for a slot. If the awaiting task is cancelled (the client left while
     queued) the waiter leaves the queue, and a slot granted in that same instant is
-    handed back rather than lost."""
+    handed back rather than lost. With `keepalive`, the wait wakes every
+    `keepalive.interval_s` to run `keepalive.tick(position)`."""
     future: asyncio.Future[Permit | Rejection] = asyncio.get_running_loop().create_future()
 
     def on_done(outcome: Permit | Rejection) -> None:
@@ -29,11 +71,24 @@ async def admit(
             outcome.release()  # the waiter's task is gone; nobody will release it
 
     ticket = limiter.acquire(
-        prompt_started_at, on_done, conversation_id=conversation_id, seq=seq, client_id=client_id
+        prompt_started_at,
+        on_done,
+        conversation_id=conversation_id,
+        seq=seq,
+        prompt_source=prompt_source,
+        client_id=client_id,
     )
     if not isinstance(ticket, Waiter):
         return ticket
     try:
+        while keepalive is not None and not future.done():
+            alarm = Alarm(future, keepalive.interval_s)
+            try:
+                await alarm.wake
+            finally:
+                alarm.cancel()
+            if not future.done():
+                await keepalive.tick(limiter.position(ticket))
         return await future
     except BaseException:
         ticket.cancel()

@@ -63,9 +63,71 @@ def notice(limit: int | None, auto_reduced: bool) -> str | None:
     return NOTICE.format(limit=limit)
 
 
-def retry_after_s(pause_left_s: float) -> int:
-    """What a refused client should wait: the rest of a pause, else a second."""
-    return max(1, math.ceil(pause_left_s)) if pause_left_s > 0 else 1
+RATE_WINDOW_S: Final = 60.0
+"""The time constant of the measured admission rate: admissions older than this
+weigh less than 1/e."""
+
+
+class AdmissionRate:
+    """Admissions per second, exponentially weighted over `RATE_WINDOW_S` of the
+    injected clock (a decayed count divided by the window). Until a whole window has
+    passed since `started` the divisor is the time actually observed (at least one
+    second), so the first admissions after a start are not read as a slow rate.
+    Reading it after a quiet spell gives a rate that has decayed towards zero."""
+
+    __slots__ = ("_at", "_since", "_weight")
+
+    def __init__(self, started: float) -> None:
+        self._since = started
+        self._at = started
+        self._weight = 0.0
+
+    def observe(self, now: float) -> None:
+        """One admission at `now`. On the fast path: within a second of the last decay
+        it only counts (as if a little earlier: at most 1/60 too heavy), so most
+        admissions cost one comparison and one addition, not an `exp`."""
+        if now - self._at >= 1.0:
+            self._weight *= math.exp((self._at - now) / RATE_WINDOW_S)
+            self._at = now
+        self._weight += 1.0
+
+    def per_s(self, now: float) -> float:
+        weight = self._weight
+        if now > self._at:
+            weight *= math.exp((self._at - now) / RATE_WINDOW_S)
+        observed = max(1.0, now - self._since)
+        return weight / (RATE_WINDOW_S * -math.expm1(-observed / RATE_WINDOW_S))
+
+
+def retry_after_s(
+    pause_left_s: float,
+    *,
+    ahead: int | None = None,
+    admissions_per_s: float = 0.0,
+    cap_s: float = math.inf,
+) -> int:
+    """What a refused client should wait, in whole seconds, at least 1.
+
+    Without `ahead`: the rest of a pause, else a second. With `ahead` (the waiters
+    that would go first): the rest of the pause plus the time the measured admission
+    rate needs to admit them and this request, at most `cap_s` (the queue timeout:
+    waiting longer than that would only end in another refusal), but never less than
+    the rest of the pause. No measured rate means "nothing is moving": the cap.
+    """
+    pause = max(0.0, pause_left_s)
+    wait = pause
+    if ahead is not None:
+        drain = (ahead + 1) / admissions_per_s if admissions_per_s > 0 else math.inf
+        wait = max(pause, min(pause + drain, cap_s))
+    return max(1, math.ceil(wait)) if wait > 0 else 1
+
+
+def saturating_ahead(pause_left_s: float, admissions_per_s: float, cap_s: float) -> int:
+    """How many waiters ahead already make `retry_after_s` reach `cap_s`: counting
+    further cannot change the answer (lets a caller stop counting early)."""
+    if admissions_per_s <= 0 or math.isinf(cap_s):
+        return 0 if admissions_per_s <= 0 else 1 << 62
+    return max(0, math.ceil((cap_s - max(0.0, pause_left_s)) * admissions_per_s))
 
 
 def next_restore_window(window_s: float, restore_after_s: float) -> float:

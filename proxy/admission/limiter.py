@@ -88,6 +88,7 @@ class Policy:
         "/messages",
     )
     derive_prompt_start: bool = True
+    queued_keepalive_s: float = 0.0  # > 0: a queued stream gets its 200 and comments
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,18 @@ class LimiterStatus:
     usage_gate: bool
     upstream_sessions: int | None  # the last successful /usage answer
     clients: tuple[ClientStatus, ...] = ()  # every configured client, in config order
+
+
+@dataclass(frozen=True)
+class WaiterInfo:
+    """One queued request as the queue listing shows it."""
+
+    position: int  # 1-based, in admission order
+    prompt_started_at: float  # the priority, as given to `acquire` (epoch ms at the edge)
+    prompt_source: str | None
+    conversation_id: str | None
+    client_id: str | None
+    waited_s: float
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,9 @@ class Waiter:
         "conversation_id",
         "on_done",
         "permit",
+        "prompt_source",
         "prompt_started_at",
+        "queued_at",
         "seq",
         "state",
         "timer",
@@ -207,6 +222,9 @@ class Waiter:
         conversation_id: str | None,
         on_done: Callable[[Permit | Rejection], None],
         client: _Client | None = None,
+        *,
+        queued_at: float = 0.0,
+        prompt_source: str | None = None,
     ) -> None:
         self._limiter = limiter
         self.prompt_started_at = prompt_started_at
@@ -217,6 +235,8 @@ class Waiter:
         self.state = _State.WAITING
         self.permit: Permit | None = None
         self.timer: Timer | None = None
+        self.queued_at = queued_at
+        self.prompt_source = prompt_source
 
     @property
     def waiting(self) -> bool:
@@ -322,6 +342,7 @@ class Limiter:
         self.auto_reduced_from: int | None = None
         self.upstream_sessions: int | None = None
         self.counters = LimiterCounters()
+        self.rate = events.AdmissionRate(clock())  # for the Retry-After of a refusal
 
         # Restore (see the module docstring).
         self._restore_window_s = policy.restore_after_s
@@ -348,6 +369,7 @@ class Limiter:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        prompt_source: str | None = None,
         client_id: str | None = None,
     ) -> Permit | Waiter | Rejection:
         """Admit now (a Permit), queue (a Waiter whose `on_done` gets the outcome),
@@ -357,6 +379,7 @@ class Limiter:
         lets a request that was sent back by a 429 keep its original place.
         `client_id` names a configured client (its cap applies); any other id, or
         None, is no client.
+        `prompt_source` only labels the waiter in the queue listing.
         """
         if seq is None:
             seq = next(self._seq)
@@ -375,8 +398,18 @@ class Limiter:
         ):
             return self._admit(prompt_started_at, seq, conversation_id, now, client)
         if self._queued >= policy.max_queue:
-            return Rejection("queue_full", self._retry_after_s(now))
-        waiter = Waiter(self, prompt_started_at, seq, conversation_id, on_done, client)
+            # A refused request would have waited behind the whole line.
+            return Rejection("queue_full", self._retry_after_s(now, self._queued))
+        waiter = Waiter(
+            self,
+            prompt_started_at,
+            seq,
+            conversation_id,
+            on_done,
+            client,
+            queued_at=now,
+            prompt_source=prompt_source,
+        )
         self._queued += 1
         if client is None:
             self._queue.push(prompt_started_at, seq, waiter)
@@ -494,6 +527,54 @@ class Limiter:
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
+    # ------------------------------------------------------------- the line
+
+    def position(self, waiter: Waiter) -> int | None:
+        """`waiter`'s 1-based place in admission order, or None once it stopped
+        waiting. O(1) while the line does not change, else O(place) (see
+        `WaitQueue.place`): cheap enough to ask for every waiter every few seconds. A
+        waiter held back by its client's cap counts after everyone who may go now."""
+        if not waiter.waiting:
+            return None
+        client = waiter.client
+        if client is None or client.line is None:  # it waits in the provider's line
+            return self._queue.place(waiter.prompt_started_at, waiter.seq, waiter) + 1
+        turn = client.turn
+        if turn is not None and turn.waiter is waiter:  # its client's turn stands for it
+            return self._queue.place(waiter.prompt_started_at, waiter.seq, turn) + 1
+        behind = client.line.ahead(waiter.prompt_started_at, waiter.seq)
+        return len(self._queue) + behind - (turn is not None) + 1
+
+    def waiters(self, offset: int = 0, limit: int = 100) -> list[WaiterInfo]:
+        """The queued requests from place `offset + 1` on, at most `limit`, in
+        admission order (those held back by their client's cap last, as `position`
+        counts them)."""
+        now = self._clock()
+        line: list[Waiter] = []
+        for entry in self._queue.first(offset + limit):
+            line.append(entry.waiter if isinstance(entry, _Turn) else entry)
+        if len(line) < offset + limit:
+            parked = [
+                w
+                for client in self._clients.values()
+                if client.line is not None
+                for w in client.line.first(len(client.line))
+                if client.turn is None or client.turn.waiter is not w
+            ]
+            parked.sort(key=lambda w: (w.prompt_started_at, w.seq))
+            line += parked
+        return [
+            WaiterInfo(
+                position=offset + i + 1,
+                prompt_started_at=w.prompt_started_at,
+                prompt_source=w.prompt_source,
+                conversation_id=w.conversation_id,
+                client_id=w.client_id,
+                waited_s=now - w.queued_at,
+            )
+            for i, w in enumerate(line[offset : offset + limit])
+        ]
+
     # ----------------------------------------------------------------- status
 
     def status(self) -> LimiterStatus:
@@ -551,6 +632,7 @@ class Limiter:
         if client is not None:
             client.running += 1
         self.counters.admitted += 1
+        self.rate.observe(now)
         self._arm_watchdog(now)
         if self._restore_window_s > 0:
             self._note_demand(now)  # the fast path's admission may fill the last slot
@@ -638,8 +720,15 @@ class Limiter:
             and self._poll_usage is not None
         )
 
-    def _retry_after_s(self, now: float) -> int:
-        return events.retry_after_s(self._paused_until - now)
+    def _retry_after_s(self, now: float, ahead: int) -> int:
+        """A refusal's Retry-After: `ahead` waiters at the measured admission rate,
+        after the rest of any pause (events.retry_after_s)."""
+        return events.retry_after_s(
+            self._paused_until - now,
+            ahead=ahead,
+            admissions_per_s=self.rate.per_s(now),
+            cap_s=self.policy.queue_timeout_s,
+        )
 
     def _pump(self) -> None:
         """Admit waiters while the rules allow. Re-entrant calls (an `on_done` that
@@ -736,8 +825,16 @@ class Limiter:
     def _expire(self, waiter: Waiter) -> None:
         if waiter.state is _State.WAITING:
             waiter.timer = None
+            now = self._clock()
+            pause_left = self._paused_until - now
+            # Counted before it leaves the line; no further than the count that
+            # already gives the longest answer (many waiters can expire at once).
+            stop = events.saturating_ahead(
+                pause_left, self.rate.per_s(now), self.policy.queue_timeout_s
+            )
+            ahead = self._queue.ahead(waiter.prompt_started_at, waiter.seq, stop)
             self._drop(waiter, _State.EXPIRED)
-            waiter.on_done(Rejection("queue_timeout", self._retry_after_s(self._clock())))
+            waiter.on_done(Rejection("queue_timeout", self._retry_after_s(now, ahead)))
 
     # ---------------------------------------------------------------- usage gate
 

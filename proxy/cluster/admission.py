@@ -40,9 +40,11 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import structlog
 
@@ -55,7 +57,8 @@ from proxy.admission import (
     Rejection,
     events,
 )
-from proxy.admission.limiter import Waiter
+from proxy.admission.aio import Alarm, Keepalive
+from proxy.admission.limiter import Waiter, WaiterInfo
 from proxy.admission.reduce import Answer, judge
 from proxy.cluster.fallback import LocalShare, release_local, share
 from proxy.cluster.hub import ClusterHub
@@ -81,6 +84,8 @@ RESTORE_TICK_S: Final = 1.0
 (a tenth of `restore_after_s` when that is shorter, never under `MIN_RESTORE_TICK_S`)."""
 
 MIN_RESTORE_TICK_S: Final = 0.05
+META_MAX_CHARS: Final = 256
+"""Longest label (conversation, client) kept in a waiter's metadata in Redis."""
 
 
 class ClusterSlot:
@@ -141,6 +146,7 @@ class _Waiter:
         "future",
         "member",
         "prompt",
+        "prompt_source",
         "seq",
         "slot",
         "ticket",
@@ -152,12 +158,14 @@ class _Waiter:
         prompt: float,
         seq: int,
         conversation_id: str | None,
+        prompt_source: str | None = None,
         client_id: str | None = None,
     ) -> None:
         self.future = future
         self.prompt = prompt
         self.seq = seq
         self.conversation_id = conversation_id
+        self.prompt_source = prompt_source
         self.client_id = client_id
         self.done = False
         self.slot: ClusterSlot | None = None
@@ -245,6 +253,10 @@ class ClusterAdmission:
         self._restore_max_ms = round(restore_s * events.RESTORE_WINDOW_MAX_FACTOR * 1000)
         self._restore_tick_s = max(MIN_RESTORE_TICK_S, min(RESTORE_TICK_S, restore_s / 10))
         self._restore_timer: asyncio.TimerHandle | None = None
+        # This replica's admissions per second, and the others' as they last shared
+        # them: the cluster's rate, for the Retry-After of a refusal.
+        self._rate = events.AdmissionRate(loop.time())
+        self._others_rate = 0.0
         hub.register(self)
 
     # ------------------------------------------------------------ Admission
@@ -281,19 +293,34 @@ class ClusterAdmission:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        prompt_source: str | None = None,
         client_id: str | None = None,
+        keepalive: Keepalive | None = None,
     ) -> ClusterSlot | Rejection:
         if seq is None:
             seq = next(self._seqs)
         if client_id not in self._caps:
             client_id = None  # not a configured client: no client, as in one process
         waiter = _Waiter(
-            self._loop.create_future(), prompt_started_at, seq, conversation_id, client_id
+            self._loop.create_future(),
+            prompt_started_at,
+            seq,
+            conversation_id,
+            prompt_source,
+            client_id,
         )
         # The queue timeout is the request's own, whichever queue it is in meanwhile.
         timer = self._loop.call_later(self.config.policy.queue_timeout_s, self._expire, waiter)
         try:
             self._attach(waiter)
+            while keepalive is not None and not waiter.future.done():
+                alarm = Alarm(waiter.future, keepalive.interval_s)
+                try:
+                    await alarm.wake
+                finally:
+                    alarm.cancel()
+                if not waiter.future.done():
+                    await keepalive.tick(await self._position(waiter))
             return await waiter.future
         except BaseException:
             self._cancel(waiter)
@@ -410,6 +437,38 @@ class ClusterAdmission:
     def snapshot(self) -> LimiterStatus:
         return self._local_status() if self._fallback is not None else self._last
 
+    async def waiters(self, offset: int, limit: int) -> list[WaiterInfo]:
+        """The shared line, cluster-wide, with the metadata each replica stored for
+        its waiters. While Redis is unreachable: this replica's local line only."""
+        if self._fallback is not None:
+            return self._fallback.limiter.waiters(offset, limit)
+        try:
+            rows = await self._call(lambda: self._scripts.queue(offset, limit))
+        except RedisDown as exc:
+            self._hub.down(exc)
+            local = self._fallback
+            return local.limiter.waiters(offset, limit) if local is not None else []
+        now_ms = time.time() * 1000
+        found = []
+        for i, (_, prompt_ms, raw) in enumerate(rows):
+            meta = _parse_meta(raw)
+            queued_at = meta.get("t")
+            found.append(
+                WaiterInfo(
+                    position=offset + i + 1,
+                    prompt_started_at=prompt_ms,
+                    prompt_source=_opt_str(meta.get("s")),
+                    conversation_id=_opt_str(meta.get("c")),
+                    client_id=_opt_str(meta.get("k")),
+                    waited_s=(
+                        max(0.0, now_ms - queued_at) / 1000
+                        if isinstance(queued_at, int | float)
+                        else 0.0
+                    ),
+                )
+            )
+        return found
+
     def cluster(self) -> ClusterView | None:
         return self._view
 
@@ -482,6 +541,7 @@ class ClusterAdmission:
         self._watchdog()
         await self.status()  # refreshes the snapshot that metrics read
         self._arm_restore()
+        await self._share_rate()
 
     def enter_fallback(self) -> int | None:
         """Redis is unreachable: enforce this replica's share locally, counting the
@@ -591,13 +651,16 @@ class ClusterAdmission:
         elif reply.kind == "queue_full":
             if registered:
                 del self._waiting[attach_id]
-                waiter.reject(Rejection("queue_full", _retry_after_s(reply.state)))
+                # The script refused it because max_queue waiters were ahead.
+                waiter.reject(self._refusal("queue_full", self.config.policy.max_queue))
         elif registered:
             waiter.member = member
         else:
             # It left (or moved to the local share) while the call was in flight.
             self._spawn(self._leave(member))
         self._on_reply(reply)
+        if reply.kind == "queued" and not waiter.done and waiter.member == member:
+            await self._note(waiter, member)
 
     def _grant(self, waiter: _Waiter | None, lease_id: str, epoch: int) -> None:
         slot = ClusterSlot(
@@ -613,6 +676,7 @@ class ClusterAdmission:
             slot.release()  # nobody waits for it any more: hand it straight back
             return
         self._counters.admitted += 1
+        self._rate.observe(self._loop.time())
 
     def _on_reply(self, reply: Reply) -> None:
         """Deliver the grants a script made for this replica; plan the next re-check."""
@@ -660,8 +724,62 @@ class ClusterAdmission:
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.done:
-            waiter.reject(Rejection("queue_timeout", _retry_after_s(self._state)))
+            # The waiters ahead: the cluster-wide line as the last census counted it
+            # (its own place would take a round trip to Redis).
+            waiter.reject(self._refusal("queue_timeout", self._last.queued))
             self._detach(waiter)
+
+    def _refusal(self, reason: Literal["queue_full", "queue_timeout"], ahead: int) -> Rejection:
+        """A refusal with the Retry-After the pure core estimates (events.retry_after_s)
+        from `ahead` waiters, the cluster's admission rate and the shared pause."""
+        if self._fallback is not None:
+            ahead = len(self._parked)
+        retry_after = events.retry_after_s(
+            self._state.paused_ms / 1000,
+            ahead=ahead,
+            admissions_per_s=self._rate.per_s(self._loop.time()) + self._others_rate,
+            cap_s=self.config.policy.queue_timeout_s,
+        )
+        return Rejection(reason, retry_after)
+
+    async def _position(self, waiter: _Waiter) -> int | None:
+        """A waiter's 1-based place for its keepalive: its rank in the shared line
+        (one ZRANK), or in the local line while Redis is unreachable; None while its
+        enqueue is still on its way."""
+        if waiter.ticket is not None and self._fallback is not None:
+            return self._fallback.limiter.position(waiter.ticket)
+        member = waiter.member
+        if member is None:
+            return None
+        try:
+            rank = await self._scripts.rank(member)
+        except RedisDown:
+            return None  # the next Redis call notices and falls back
+        return None if rank is None else rank + 1
+
+    async def _note(self, waiter: _Waiter, member: str) -> None:
+        """Store what the queue listing shows of a waiter that now waits in Redis: a
+        small value that expires once the waiter cannot be waiting any more."""
+        meta = {
+            "s": waiter.prompt_source,
+            "c": _clip(waiter.conversation_id),
+            "k": _clip(waiter.client_id),
+            "t": round(time.time() * 1000),
+        }
+        ttl_ms = round((self.config.policy.queue_timeout_s + self._hub.lease_s) * 1000)
+        with contextlib.suppress(RedisDown):
+            await self._scripts.note(member, json.dumps(meta, separators=(",", ":")), ttl_ms)
+
+    async def _share_rate(self) -> None:
+        """Publish this replica's admission rate and read the others' (for refusals)."""
+        others = [
+            i.instance_id for i in self._view.instances if i.instance_id != self._hub.instance_id
+        ]
+        ttl_ms = round(self._hub.lease_s * 1000)
+        with contextlib.suppress(RedisDown):
+            self._others_rate = await self._scripts.share_rate(
+                self._hub.instance_id, self._rate.per_s(self._loop.time()), ttl_ms, others
+            )
 
     def _detach(self, waiter: _Waiter) -> None:
         """Take a waiter out of whichever queue holds it."""
@@ -698,12 +816,16 @@ class ClusterAdmission:
             on_done,
             conversation_id=waiter.conversation_id,
             seq=waiter.seq,
+            prompt_source=waiter.prompt_source,
             client_id=waiter.client_id,
         )
         if isinstance(ticket, Waiter):
             if ticket.waiting:
                 waiter.ticket = ticket
                 self._parked.add(waiter)
+        elif isinstance(ticket, Rejection):
+            # The local share has no queue timeout of its own: estimate as the cluster does.
+            on_done(self._refusal(ticket.reason, len(self._parked)))
         else:
             on_done(ticket)
 
@@ -725,6 +847,7 @@ class ClusterAdmission:
             slot.release()
             return
         self._counters.admitted += 1
+        self._rate.observe(self._loop.time())
 
     def _local_status(self) -> LimiterStatus:
         local = self._fallback
@@ -1013,5 +1136,20 @@ def _notice(st: Shared) -> str | None:
     return events.notice(st.limit, st.auto_reduced)
 
 
-def _retry_after_s(st: Shared) -> int:
-    return events.retry_after_s(st.paused_ms / 1000)
+def _clip(label: str | None) -> str | None:
+    return label[:META_MAX_CHARS] if label is not None else None
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _parse_meta(raw: str) -> dict[str, Any]:
+    """A waiter's stored metadata; empty when missing (expired, or never written)."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -78,6 +78,7 @@ class LocalShare:
         *,
         conversation_id: str | None,
         seq: int,
+        prompt_source: str | None = None,
         client_id: str | None = None,
     ) -> Permit | Waiter | Rejection:
         return self.limiter.acquire(
@@ -85,6 +86,7 @@ class LocalShare:
             on_done,
             conversation_id=conversation_id,
             seq=seq,
+            prompt_source=prompt_source,
             client_id=client_id,
         )
 

@@ -36,12 +36,19 @@ and only while the client is under its cap (fewer unexpired leases in `cl:<id>` 
 its cap): as in the single-process limiter, `queue` holds exactly the waiters that may
 go next, so its head is the one to admit and nothing scans past capped waiters.
 
+- `meta:<waiter>` (string, expiring): what the queue listing shows of a waiter (prompt
+  source, conversation, client, when it was queued), written by its replica once it
+  waits; it expires `queue_timeout_s + lease_s` later, so it outlives no waiter long.
+- `rate:<instance>` (string, expiring): a replica's measured admissions per second,
+  shared for the Retry-After of refusals; it expires with the replica's heartbeat.
+
 Wake-ups go out on the provider's channel: `w <delay ms>` (a slot frees, now or after
 the cooldown) and `s <state>` (limit, cooldown, epoch, ... changed).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -680,6 +687,28 @@ if redis.call('ZCARD', K_QUEUE) > 0 then redis.call('PUBLISH', CHANNEL, 'w 0') e
 return {'ok', seeded, state_reply(load_state()), redis.call('ZCARD', K_INSTANCES)}
 """
 
+# ARGV[3] offset, [4] limit: the live waiters in admission order, with their metadata.
+_QUEUE = (
+    _NOSTATE
+    + r"""
+local offset, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, seen = {}, 0
+local members = redis.call('ZRANGE', K_QUEUE, 0, -1, 'WITHSCORES')
+for i = 1, #members, 2 do
+  local m = members[i]
+  local alive = tonumber(redis.call('ZSCORE', K_ALIVE, m))
+  if alive and alive > now then
+    seen = seen + 1
+    if seen > offset then
+      out[#out + 1] = {m, members[i + 1], redis.call('GET', P .. 'meta:' .. m) or ''}
+      if #out >= limit then break end
+    end
+  end
+end
+return {'queue', out}
+"""
+)
+
 _GOODBYE = r"""
 redis.call('ZREM', K_INSTANCES, INSTANCE)
 return {'ok'}
@@ -780,6 +809,14 @@ class Census:
     clients: tuple[ClientRow, ...] = ()
 
 
+_DOWN: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    OSError,
+)
+
+
 def owner(member: str) -> str:
     """The instance id inside a lease or waiter member (`tie|instance|local`)."""
     return member.split("|", 2)[1] if member.count("|") >= 2 else "?"
@@ -811,6 +848,8 @@ class Scripts:
     def __init__(self, client: Redis, provider_id: str, instance_id: str, lease_ms: int) -> None:
         self.keys = keys_for(provider_id)
         self.channel = channel_for(provider_id)
+        self._client = client
+        self._prefix = self.keys[0].removesuffix("state")  # 'sluice:{id}:'
         self._key = [self.keys[0]]  # the state key: the scripts derive the others
         self._head = [instance_id, str(lease_ms)]
         self._scripts: dict[str, AsyncScript] = {
@@ -829,6 +868,7 @@ class Scripts:
                 ("set_cooldown", _SET_COOLDOWN),
                 ("init", _INIT),
                 ("rejoin", _REJOIN),
+                ("queue", _QUEUE),
                 ("goodbye", _GOODBYE),
             )
         }
@@ -836,12 +876,7 @@ class Scripts:
     async def _run(self, name: str, *args: str | int) -> Any:
         try:
             return await self._scripts[name](keys=self._key, args=[*self._head, *args])
-        except (
-            redis_errors.ConnectionError,
-            redis_errors.TimeoutError,
-            redis_errors.ReadOnlyError,
-            OSError,
-        ) as exc:
+        except _DOWN as exc:
             raise RedisDown(str(exc) or type(exc).__name__) from exc
 
     async def admit(
@@ -1008,3 +1043,47 @@ class Scripts:
 
     async def goodbye(self) -> None:
         await self._run("goodbye")
+
+    # ------------------------------------------------ the queue listing and its estimates
+
+    async def queue(self, offset: int, limit: int) -> list[tuple[str, float, str]]:
+        """(member, prompt start ms, metadata or "") of the live waiters from place
+        `offset + 1` on, at most `limit`, in admission order."""
+        raw = await self._run("queue", offset, limit)
+        if raw[0] == "nostate":
+            raise NoState
+        return [(str(m), float(score), str(meta or "")) for m, score, meta in raw[1]]
+
+    async def rank(self, member: str) -> int | None:
+        """A waiter's 0-based place in the shared line (waiters whose replica died
+        count until they are dropped, within `lease_s`), or None if it is not there."""
+        try:
+            rank = await self._client.zrank(self.keys[3], member)
+        except _DOWN as exc:
+            raise RedisDown(str(exc) or type(exc).__name__) from exc
+        return rank if isinstance(rank, int) else None
+
+    async def note(self, member: str, meta: str, ttl_ms: int) -> None:
+        """Store what the queue listing shows of a waiter, expiring after `ttl_ms`."""
+        try:
+            await self._client.set(self._prefix + "meta:" + member, meta, px=ttl_ms)
+        except _DOWN as exc:
+            raise RedisDown(str(exc) or type(exc).__name__) from exc
+
+    async def share_rate(
+        self, instance_id: str, per_s: float, ttl_ms: int, others: Sequence[str]
+    ) -> float:
+        """Publish this replica's admission rate (expiring after `ttl_ms`) and return
+        the sum of `others`' published rates."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.set(self._prefix + "rate:" + instance_id, repr(per_s), px=ttl_ms)
+                pipe.mget([self._prefix + "rate:" + other for other in others] or ["-"])
+                _, rates = await pipe.execute()
+        except _DOWN as exc:
+            raise RedisDown(str(exc) or type(exc).__name__) from exc
+        total = 0.0
+        for rate in rates if others else ():
+            with contextlib.suppress(TypeError, ValueError):
+                total += float(rate)
+        return total

@@ -29,6 +29,7 @@ from proxy.runtime.seam import ClusterView
 from proxy.settings import MAX_COOLDOWN_MS, MAX_LIMIT
 
 PUBLIC_PATHS = frozenset({"/healthz", "/concurrency/ui", "/concurrency/ui/{name}"})
+MAX_OFFSET = 1_000_000
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -184,6 +185,28 @@ def routes(
         await control().set_cooldown(p, cooldown_ms)
         return JSONResponse({"providerId": p.id, "cooldownMs": cooldown_ms})
 
+    async def queue(request: Request) -> Response:
+        p = provider(request)
+        limit = _query_int(request, "limit", 100, 1, 1000)
+        offset = _query_int(request, "offset", 0, 0, MAX_OFFSET)
+        found = await p.admission.waiters(offset, limit)
+        return JSONResponse(
+            {
+                "provider": p.id,
+                "waiters": [
+                    {
+                        "position": w.position,
+                        "promptStartedAt": round(w.prompt_started_at),
+                        "promptSource": w.prompt_source,
+                        "conversationId": w.conversation_id,
+                        "clientId": w.client_id,
+                        "waitedMs": round(w.waited_s * 1000),
+                    }
+                    for w in found
+                ],
+            }
+        )
+
     async def events(request: Request) -> Response:
         provider_id = request.query_params.get("provider")
         if provider_id is not None and provider_id not in providers:
@@ -233,6 +256,7 @@ def routes(
         ("/concurrency/cooldown/{provider_id}", get_cooldown, ["GET"]),
         ("/concurrency/cooldown/{provider_id}", put_cooldown, ["PUT"]),
         ("/concurrency/events", events, ["GET"]),
+        ("/concurrency/queue/{provider_id}", queue, ["GET"]),
         ("/metrics", metrics, ["GET"]),
     ]
     public: list[BaseRoute] = [
@@ -281,6 +305,15 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
     HTTPException: _http_error,
     500: _internal_error,
 }
+
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise AdminError(400, f"{name} must be an integer from {low} to {high}")
+    return int(raw)
 
 
 def _authorized(request: Request, token: bytes) -> bool:

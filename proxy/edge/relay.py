@@ -20,6 +20,7 @@ from proxy.admission.reduce import ANSWER_HEAD_BYTES, Answer
 from proxy.edge import logs
 from proxy.edge.clients import ClientKeys
 from proxy.edge.headers import MIN_EPOCH_MS, prompt_started_at_ms, retry_after_s
+from proxy.edge.keepalive import QueuedStream, error_event, upstream_failure, wants_stream
 from proxy.edge.metrics import Requests
 from proxy.edge.routing import Route
 from proxy.errors import (
@@ -139,6 +140,7 @@ class Exchange:
         "bytes",
         "client",
         "conversation_id",
+        "early",
         "failure",
         "method",
         "path",
@@ -165,6 +167,7 @@ class Exchange:
         self.prompt_started_at: int | None = None  # epoch ms, on admitted requests
         self.prompt_source: str | None = None  # header, agent, derived or arrival
         self.started = False
+        self.early = False  # the 200 went out while queued (keepalive); no upstream headers
         self.sent_at = 0.0  # perf_counter() when the request went upstream
         self.failure: str | None = None  # the code of the HTTPError that ended it, if any
 
@@ -202,7 +205,7 @@ class Relay:
             body = await read_body(receive, self.max_body_bytes, declared)
             watch = DisconnectWatch(receive)
             if provider.admits(scope["method"], route.path):
-                slot, response = await self._admit(scope, route, body, ex)
+                slot, response = await self._admit(scope, route, body, ex, send)
             else:
                 response = await self._open(scope, route, body, ex)
             # A stream can run for minutes, and the body (the whole conversation,
@@ -210,7 +213,10 @@ class Relay:
             del body
             # The stream is relayed here rather than in a method of its own: every
             # coroutine frame stays alive for as long as the stream is open.
-            size = await _start_response(send, response, provider, ex)
+            if ex.early:
+                size = _continue_early(response, provider, ex)
+            else:
+                size = await _start_response(send, response, provider, ex)
             catch = self._response_id_catcher(route, ex)
             finished = False
             async for chunk in response.chunks():
@@ -229,11 +235,18 @@ class Relay:
             ex.status = 499
         except HTTPError as err:
             ex.failure = err.code
-            if ex.started:
+            if ex.early and ex.bytes == 0:
+                # Started while queued, nothing of the upstream's sent yet: the
+                # failure becomes the stream's last event.
+                ex.status = err.status
+                event = error_event(dialect_for(route.path), err)
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+            elif ex.started:
                 log.warning("upstream failed mid-response", provider=provider.id, error=err.message)
                 raise UpstreamCut(err.message) from err
-            ex.status = err.status
-            await send_error(send, err, provider.id)
+            else:
+                ex.status = err.status
+                await send_error(send, err, provider.id)
         except asyncio.CancelledError:
             if watch is None or not watch.gone:
                 raise
@@ -259,11 +272,12 @@ class Relay:
                 logs.access.write(ex)
 
     async def _admit(
-        self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange
+        self, scope: Scope, route: Route[Provider], body: bytes, ex: Exchange, send: Send
     ) -> tuple[Slot, UpstreamResponse]:
         """Wait for a slot, then open the upstream response with it held. A 429
         pauses the provider and, while retries last, puts the request back in the
-        queue at its old place."""
+        queue at its old place. A stream waiting longer than `queued_keepalive_s`
+        gets its 200 and keepalive comments meanwhile (`ex.early`)."""
         provider = route.provider
         admission = provider.admission
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -272,11 +286,21 @@ class Relay:
         seq = admission.next_seq()
         loop = asyncio.get_running_loop()
         queued_s = 0.0
-        retries_left = provider.config.policy.retry_on_429
+        policy = provider.config.policy
+        retries_left = policy.retry_on_429
+        keepalive = None
+        # `stream` is parsed only where keepalive is on: no work on the hot path.
+        if policy.queued_keepalive_s > 0 and admission.limit is not None and wants_stream(body):
+            keepalive = QueuedStream(send, ex, provider.id_bytes, policy.queued_keepalive_s)
         while True:
             waited_from = loop.time()
             outcome = await admission.admit(
-                priority, conversation_id=ex.conversation_id, seq=seq, client_id=ex.client
+                priority,
+                conversation_id=ex.conversation_id,
+                seq=seq,
+                client_id=ex.client,
+                prompt_source=ex.prompt_source,
+                keepalive=keepalive,
             )
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):
@@ -296,6 +320,8 @@ class Relay:
                         await response.aclose()
                         slot.release()
                         continue  # back in the queue, at the same place
+                if ex.early and response.status != 200:
+                    raise await upstream_failure(response)
             except BaseException:
                 if response is not None:
                     await response.aclose()
@@ -364,10 +390,15 @@ class Relay:
         the first byte, which for a model can take many seconds."""
         upstream = route.provider.upstream
         ex.sent_at = time.perf_counter()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if ex.early:
+            # The client's response has no Content-Encoding header any more: ask
+            # for a body its headers already describe.
+            headers = [(name, value) for name, value in headers if name != b"accept-encoding"]
         return upstream.send(
             scope["method"],
             upstream.url(route.raw_path, scope.get("query_string", b"")),
-            upstream.request_headers(scope["headers"]),
+            upstream.request_headers(headers),
             body,
         )
 
@@ -398,6 +429,15 @@ async def _start_response(
     ex.started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     return length
+
+
+def _continue_early(response: UpstreamResponse, provider: Provider, ex: Exchange) -> int:
+    """A stream whose 200 went out while it was queued: the upstream's own headers
+    can no longer be sent (they are dropped), its body is relayed unchanged. Returns
+    -1: the client's response has no length."""
+    provider.observe_ttfb(time.perf_counter() - ex.sent_at)
+    response.raw_headers.clear()
+    return -1
 
 
 class ResponseIdCatcher:

@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus
-from proxy.admission.aio import UsagePolls, admit
-from proxy.admission.limiter import Permit, Rejection
+from proxy.admission.aio import Keepalive, UsagePolls, admit
+from proxy.admission.limiter import Permit, Rejection, WaiterInfo
 from proxy.admission.reduce import Answer
 from proxy.runtime.seam import Admission, ClusterView, Slot
 from proxy.runtime.store import ProviderOverrides
@@ -62,15 +62,22 @@ class LocalAdmission:
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        prompt_source: str | None = None,
         client_id: str | None = None,
+        keepalive: Keepalive | None = None,
     ) -> Awaitable[Permit | Rejection]:
         return admit(
             self.limiter,
             prompt_started_at,
             conversation_id=conversation_id,
             seq=seq,
+            prompt_source=prompt_source,
             client_id=client_id,
+            keepalive=keepalive,
         )
+
+    async def waiters(self, offset: int, limit: int) -> list[WaiterInfo]:
+        return self.limiter.waiters(offset, limit)
 
     async def on_rate_limited(
         self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from proxy.admission import LimiterCounters, LimiterStatus
-from proxy.admission.limiter import Rejection
+from proxy.admission.aio import Keepalive
+from proxy.admission.limiter import Rejection, WaiterInfo
 from proxy.admission.reduce import Answer
 from proxy.runtime.store import ProviderOverrides
 
@@ -71,11 +72,19 @@ class Admission(Protocol):
         *,
         conversation_id: str | None = None,
         seq: int | None = None,
+        prompt_source: str | None = None,
         client_id: str | None = None,
+        keepalive: Keepalive | None = None,
     ) -> Awaitable[Slot | Rejection]:
         """Wait for a slot (or a rejection). Cancelling the wait leaves the queue, and a
-        slot granted in that same instant is handed back. `client_id` names a
-        configured client: its `max_in_flight` for the provider applies."""
+        slot granted in that same instant is handed back. `prompt_source` and
+        `client_id` label the waiter in the queue listing; `keepalive.tick` runs every
+        `keepalive.interval_s` while the request waits."""
+        ...
+
+    async def waiters(self, offset: int, limit: int) -> list[WaiterInfo]:
+        """The queued requests in admission order, from place `offset + 1` on, at
+        most `limit` (cluster-wide in cluster mode)."""
         ...
 
     async def on_rate_limited(
