@@ -425,7 +425,8 @@ class Ticks:
 
 
 async def test_the_queue_listing_is_cluster_wide_in_admission_order(url: str) -> None:
-    async with replicas(url, 2, limit=1) as (a, b):
+    team_a = (("team-a", None),)  # a configured client without a cap
+    async with replicas(url, 2, limit=1, client_max_in_flight=team_a) as (a, b):
         holder = await slot(a, 0)
         plan = [(b, 300.0, "c3", "derived"), (a, 100.0, "c1", "header"), (b, 200.0, "c2", None)]
         tasks = []

@@ -905,7 +905,7 @@ def test_position_is_the_place_in_admission_order() -> None:
 
 
 def test_waiters_lists_the_line_with_its_labels() -> None:
-    rig = Rig(Policy(limit=1, cooldown_ms=0))
+    rig = Rig(Policy(limit=1, cooldown_ms=0, client_max_in_flight=(("team-b", None),)))
     rig.hold("a")
     rig.limiter.acquire(
         30.0, lambda _: None, conversation_id="c3", prompt_source="arrival", client_id="team-b"
@@ -930,6 +930,19 @@ def test_waiters_lists_the_line_with_its_labels() -> None:
     )
     assert [w.position for w in rig.limiter.waiters(offset=1, limit=5)] == [2]
     assert rig.limiter.waiters(offset=2) == []
+
+
+def test_a_waiter_held_back_by_its_clients_cap_is_listed_after_those_who_may_go() -> None:
+    rig = Rig(Policy(limit=2, cooldown_ms=0, client_max_in_flight=(("capped", 1),)))
+    rig.limiter.acquire(5.0, lambda _: None, client_id="capped")  # runs: at its cap now
+    rig.hold("other")  # the second slot
+    parked = rig.limiter.acquire(1.0, lambda _: None, conversation_id="p", client_id="capped")
+    free = rig.limiter.acquire(20.0, lambda _: None, conversation_id="f")
+    assert isinstance(parked, Waiter)
+    assert isinstance(free, Waiter)
+    listed = [(w.position, w.conversation_id) for w in rig.limiter.waiters()]
+    assert listed == [(1, "f"), (2, "p")]  # older, but its client is at its cap
+    assert (rig.limiter.position(free), rig.limiter.position(parked)) == (1, 2)
 
 
 def _timeout_retry_afters(admissions: int, over_s: float) -> list[int]:
