@@ -188,9 +188,7 @@ async def test_a_limit_set_on_one_replica_applies_on_every_replica_at_once(url: 
 async def test_429s_seen_by_two_replicas_at_once_reduce_the_limit_once(url: str) -> None:
     async with replicas(url, 2, limit=4) as (a, b):
         first, second = await slot(a, 1), await slot(b, 2)
-        await asyncio.gather(
-            a.admission.on_rate_limited(first, 0.2), b.admission.on_rate_limited(second, 0.2)
-        )
+        await asyncio.gather(first.rate_limited(0.2), second.rate_limited(0.2))
         status = await a.admission.status()
         assert (status.limit, status.auto_reduced, status.auto_reduced_from) == (3, True, 4)
         reductions = a.kinds().count("limit_reduced") + b.kinds().count("limit_reduced")
@@ -319,7 +317,7 @@ async def test_restore_happens_once_for_three_replicas(url: str) -> None:
     shared limit up, once; all three see it."""
     async with replicas(url, 3, limit=3, restore_after_s=0.5, pause_s=0) as nodes:
         first = await slot(nodes[0], 0)
-        await nodes[0].admission.on_rate_limited(first, 0.0)
+        await first.rate_limited(0.0)
         assert nodes[0].admission.limit == 2
         held = [await slot(nodes[1], 1), await slot(nodes[2], 2)]  # all busy, across replicas
         started = time.monotonic()
@@ -351,7 +349,7 @@ async def test_a_non_matching_429_pauses_every_replica_without_lowering_the_limi
     ) as (a, b):
         held = await slot(a, 0)
         tokens = Answer((("retry-after", "1"),), b'{"error": {"code": "rate_limit_exceeded"}}')
-        await a.admission.on_rate_limited(held, 1.0, tokens)
+        await held.rate_limited(1.0, tokens)
         status = await b.admission.status()
         assert status.paused
         assert (status.limit, status.auto_reduced) == (3, False)

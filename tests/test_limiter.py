@@ -1004,3 +1004,14 @@ def test_retry_after_with_nothing_admitted_lately_is_the_queue_timeout() -> None
     rig.ft.advance(3600.0)  # an hour with one admission: the rate has decayed to nothing
     rig.wait("w")
     assert rig.acquire("refused") == Rejection("queue_full", 90)
+
+
+async def test_a_permit_reports_its_own_429_pausing_reducing_and_releasing() -> None:
+    rig = Rig(Policy(limit=2, cooldown_ms=0, pause_s=5))
+    first = rig.hold("a")
+    await first.rate_limited(None)
+    status = rig.limiter.status()
+    assert (status.paused, status.limit, status.auto_reduced, status.running) == (True, 1, True, 0)
+    assert first.released
+    await first.rate_limited(None)  # reported twice: harmless, like a second release
+    assert rig.limiter.counters.rate_limited == 1

@@ -185,6 +185,14 @@ class Permit:
             if self._limiter is not None:
                 self._limiter._release(self)
 
+    async def rate_limited(self, retry_after_s: float | None, answer: Answer | None = None) -> None:
+        """The upstream answered 429 to this permit's request: pause, maybe reduce, and
+        release (`Limiter.on_rate_limited`). A coroutine to match the cluster's slot,
+        which must reach Redis first; here nothing is awaited."""
+        if self._limiter is not None and not self.released:
+            self._limiter.on_rate_limited(self, retry_after_s, answer)
+        self.release()
+
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
         return f"<Permit #{self.seq} {state} conversation={self.conversation_id!r}>"

@@ -65,7 +65,7 @@ from proxy.cluster.hub import ClusterHub
 from proxy.cluster.scripts import ClientRow, NoState, RedisDown, Reply, Scripts, Shared, owner
 from proxy.errors import StoreError
 from proxy.runtime.provider import AdmissionFactory, limit_text
-from proxy.runtime.seam import Admission, ClusterView, InstanceLoad, Slot
+from proxy.runtime.seam import Admission, ClusterView, InstanceLoad
 from proxy.runtime.store import ProviderOverrides
 from proxy.settings import ProviderConfig
 from proxy.upstream.client import USAGE_TIMEOUT_S
@@ -126,6 +126,11 @@ class ClusterSlot:
         if not self.released:
             self.released = True
             self._owner._release(self)
+
+    async def rate_limited(self, retry_after_s: float | None, answer: Answer | None = None) -> None:
+        """The upstream answered 429 to this slot's request: the shared pause (and
+        maybe reduction) is in force in Redis before this returns; the slot is released."""
+        await self._owner._rate_limited(self, retry_after_s, answer)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
@@ -328,10 +333,9 @@ class ClusterAdmission:
         finally:
             timer.cancel()
 
-    async def on_rate_limited(
-        self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None
+    async def _rate_limited(
+        self, slot: ClusterSlot, retry_after_s: float | None, answer: Answer | None = None
     ) -> None:
-        assert isinstance(slot, ClusterSlot), "a ClusterAdmission only hands out ClusterSlots"
         policy = self.config.policy
         delay = policy.pause_s if retry_after_s is None else max(0.0, retry_after_s)
         verdict = judge(policy.reduce_on_429, policy.reduce_on_429_match, answer)

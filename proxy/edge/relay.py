@@ -312,8 +312,8 @@ class Relay:
                 response = await self._open(scope, route, body, ex)
                 if response.status == 429 and admission.limit is not None:
                     answer, response = await _answer_429(response, provider.config.policy)
-                    await admission.on_rate_limited(
-                        slot, retry_after_s(_str_headers(response.raw_headers), time.time()), answer
+                    await slot.rate_limited(
+                        retry_after_s(_str_headers(response.raw_headers), time.time()), answer
                     )
                     if retries_left > 0:
                         retries_left -= 1

@@ -13,8 +13,7 @@ from collections.abc import Awaitable, Callable
 from proxy.admission import Limiter, LimiterCounters, LimiterEvent, LimiterStatus
 from proxy.admission.aio import Keepalive, UsagePolls, admit
 from proxy.admission.limiter import Permit, Rejection, WaiterInfo
-from proxy.admission.reduce import Answer
-from proxy.runtime.seam import Admission, ClusterView, Slot
+from proxy.runtime.seam import Admission, ClusterView
 from proxy.runtime.store import ProviderOverrides
 from proxy.settings import ProviderConfig
 from proxy.upstream.client import Upstream
@@ -78,12 +77,6 @@ class LocalAdmission:
 
     async def waiters(self, offset: int, limit: int) -> list[WaiterInfo]:
         return self.limiter.waiters(offset, limit)
-
-    async def on_rate_limited(
-        self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None
-    ) -> None:
-        assert isinstance(slot, Permit), "a LocalAdmission only hands out Permits"
-        self.limiter.on_rate_limited(slot, retry_after_s, answer)
 
     async def set_limit(self, limit: int | None) -> None:
         self.limiter.set_limit(limit)

@@ -19,9 +19,16 @@ from proxy.runtime.store import ProviderOverrides
 
 
 class Slot(Protocol):
-    """A held slot: release it exactly once in a `finally`; releasing again is harmless."""
+    """A held slot: release it exactly once in a `finally`; releasing again is harmless.
+    A 429 is reported on the slot itself (as Netflix's limiter listeners do), so the
+    admission that handed it out gets it back without a cast."""
 
     def release(self) -> None: ...
+
+    async def rate_limited(self, retry_after_s: float | None, answer: Answer | None = None) -> None:
+        """The upstream answered 429 to this slot's request: pause, maybe reduce (as
+        `reduce_on_429` judges `answer`), release."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -85,13 +92,6 @@ class Admission(Protocol):
     async def waiters(self, offset: int, limit: int) -> list[WaiterInfo]:
         """The queued requests in admission order, from place `offset + 1` on, at
         most `limit` (cluster-wide in cluster mode)."""
-        ...
-
-    async def on_rate_limited(
-        self, slot: Slot, retry_after_s: float | None, answer: Answer | None = None
-    ) -> None:
-        """The upstream answered 429 to `slot`'s request: pause, maybe reduce (as
-        `reduce_on_429` judges `answer`), release."""
         ...
 
     async def set_limit(self, limit: int | None) -> None: ...
