@@ -53,6 +53,9 @@ NonNegativeSeconds = Annotated[float, Number, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Number, Field(ge=0)]
 PositiveInt = Annotated[int, Number, Field(ge=1)]
 Port = Annotated[int, Number, Field(ge=0, le=65535)]
+# Below 1 KiB not even a request line with a long path and a Host header fits.
+HeadBytes = Annotated[int, Number, Field(ge=1024)]
+AuthHeader = Literal["authorization", "x-api-key", "api-key"]
 
 
 class _Section(BaseModel):
@@ -71,6 +74,14 @@ class ServerSettings(_Section):
     upstream_connect_timeout_s: PositiveSeconds = 10
     upstream_read_timeout_s: PositiveSeconds = 600
     ca_bundle: str = ""
+    # The edge (SPEC section 11).
+    allow_open_admin: bool = False
+    max_header_bytes: HeadBytes = 65_536
+    max_headers: PositiveInt = 100
+    client_header_timeout_s: PositiveSeconds = 10
+    client_body_timeout_s: PositiveSeconds = 60
+    max_connections: PositiveInt = 10_000
+    max_queued_body_bytes: PositiveInt = 1_073_741_824
 
     @model_validator(mode="after")
     def _ca_bundle_exists(self) -> ServerSettings:
@@ -114,6 +125,7 @@ class ProviderSettings(_Section):
     base_url: str
     api_key: SecretStr | None = None
     api_key_env: str | None = None
+    auth_header: AuthHeader = "authorization"
     limit: Limit | None = None
     usage_gate: bool = False
     default: bool = False
@@ -269,6 +281,7 @@ class ProviderConfig:
     max_queue: int
     retry_on_429: int
     admitted_paths: tuple[str, ...]
+    auth_header: AuthHeader = "authorization"  # where the provider key goes (SPEC 4)
 
     def __repr__(self) -> str:  # never show the key
         return f"ProviderConfig(id={self.id!r}, base_url={self.base_url!r}, limit={self.limit})"
@@ -312,6 +325,7 @@ def resolve_providers(settings: Settings) -> list[ProviderConfig]:
                 max_queue=pick("max_queue"),
                 retry_on_429=pick("retry_on_429"),
                 admitted_paths=pick("admitted_paths"),
+                auth_header=p.auth_header,
             )
         )
     return resolved
