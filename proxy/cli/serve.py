@@ -8,6 +8,7 @@ enforce the whole limit on its own.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 from typing import Any
 
+import structlog
 import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
@@ -50,11 +52,18 @@ def run(
         settings = with_address(settings, host, port)
         resolve_providers(settings)  # reads the keys: a missing one is a config error
         check_cluster(settings, workers)
+        check_exposure(settings.server)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     server = settings.server
     _configure_logging(settings)
+    if open_admin(server):
+        structlog.get_logger("sluice").warning(
+            "admin routes are open: no admin_token on a non-loopback host "
+            "(server.allow_open_admin = true); anyone who reaches this port can change the limits",
+            host=server.host,
+        )
     if workers > 1:
         return serve_workers(settings, config, workers)
     return serve(
@@ -95,6 +104,38 @@ def check_cluster(settings: Settings, workers: int) -> None:
 
         if (problem := check_url(url)) is not None:
             raise ConfigError(f"config error: cluster.redis_url: {problem}")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost` (SPEC section 11). `0.0.0.0` and `::` are every
+    interface, and any other name may resolve anywhere: neither is loopback."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def open_admin(server: ServerSettings) -> bool:
+    """Listening beyond this machine with the admin routes unauthenticated."""
+    return not server.admin_token.get_secret_value() and not is_loopback(server.host)
+
+
+def check_exposure(server: ServerSettings) -> None:
+    """Refuse to serve the admin routes without a token to the network, unless the
+    operator said so (`allow_open_admin`): anyone who reaches the port could set every
+    limit. Checked on the effective host, after the environment and `--host`."""
+    if open_admin(server) and not server.allow_open_admin:
+        raise ConfigError(
+            f"config error: server.admin_token: required when listening on {server.host}, "
+            "which is not loopback (set SLUICE_SERVER__ADMIN_TOKEN, listen on 127.0.0.1, "
+            "or set server.allow_open_admin = true)"
+        )
 
 
 def serve_workers(settings: Settings, config: str | None, workers: int) -> int:
