@@ -47,7 +47,7 @@ class Sluice:
         self.transport = transport
         self.providers: dict[str, Provider] = {}
         self.router: Router[Provider] = Router({}, None)
-        self.relay = Relay(settings.server.max_body_bytes)
+        self.relay = Relay(settings.server.max_body_bytes, settings.server.max_queued_body_bytes)
         self.control: Control | None = None
         self.cluster: ClusterHub | None = None  # cluster mode: the shared Redis
         self.metrics = Metrics(lambda: [p.admission for p in self.providers.values()])

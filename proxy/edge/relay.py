@@ -17,6 +17,7 @@ import structlog
 
 from proxy.admission import Rejection
 from proxy.edge.headers import prompt_started_at_ms, retry_after_s
+from proxy.edge.queued_bodies import QueuedBodies
 from proxy.edge.routing import Route
 from proxy.errors import (
     BodyTooLarge,
@@ -152,8 +153,9 @@ class Exchange:
 class Relay:
     """Forwards one proxied request; `app.py` routes here."""
 
-    def __init__(self, max_body_bytes: int) -> None:
+    def __init__(self, max_body_bytes: int, max_queued_body_bytes: int = 1 << 30) -> None:
         self.max_body_bytes = max_body_bytes
+        self.queued_bodies = QueuedBodies(max_queued_body_bytes)
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, route: Route[Provider]
@@ -236,7 +238,9 @@ class Relay:
         retries_left = provider.config.retry_on_429
         while True:
             waited_from = loop.time()
-            outcome = await admission.admit(priority, conversation_id=ex.conversation_id, seq=seq)
+            outcome = await self.queued_bodies.wait(
+                len(body), admission.admit(priority, conversation_id=ex.conversation_id, seq=seq)
+            )
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):
                 raise _rejection_error(outcome, provider.id)
