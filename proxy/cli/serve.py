@@ -25,6 +25,7 @@ from uvicorn.supervisors import Multiprocess
 
 from proxy.edge import logs
 from proxy.edge.app import Sluice
+from proxy.edge.protocol import edge_protocol
 from proxy.errors import ConfigError
 from proxy.settings import ServerSettings, Settings, config_path, load, resolve_providers, secrets
 
@@ -78,7 +79,9 @@ def run(
 def _uvicorn_options(server: ServerSettings) -> dict[str, Any]:
     return {
         "loop": "uvloop",
-        "http": "httptools",
+        # uvicorn's httptools protocol with the edge limits of SPEC 11 (a partial:
+        # picklable into --workers processes).
+        "http": edge_protocol(server),
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
