@@ -716,6 +716,9 @@ class FakeTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         pass
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
 
@@ -739,8 +742,17 @@ async def _unused_app(scope: Any, receive: Any, send: Any) -> None:
     raise AssertionError("no request should reach the app")
 
 
-def edge_protocol(limits: EdgeLimits) -> tuple[EdgeProtocol, FakeTransport, CountingParser]:
-    config = Config(app=_unused_app, lifespan="off", log_config=None)
+async def _websocket_app(scope: Any, receive: Any, send: Any) -> None:
+    """Accepts a WebSocket and keeps it open."""
+    await receive()
+    await send({"type": "websocket.accept"})
+    await receive()
+
+
+def edge_protocol(
+    limits: EdgeLimits, app: Any = _unused_app
+) -> tuple[EdgeProtocol, FakeTransport, CountingParser]:
+    config = Config(app=app, lifespan="off", log_config=None)
     protocol = EdgeProtocol(config, ServerState(), {}, limits=limits)
     parser = CountingParser(protocol.parser)
     protocol.parser = parser  # type: ignore[assignment]
@@ -772,3 +784,19 @@ async def test_a_refused_connection_drops_what_the_client_still_sends() -> None:
     protocol.data_received(b"d: 4\r\n" * 1000)
     assert parser.fed == fed
     protocol.connection_lost(None)
+
+
+async def test_a_websocket_upgrade_leaves_the_connection_to_the_websocket_protocol() -> None:
+    """After the hand-over no timer of ours may answer on the transport."""
+    limits = EdgeLimits(header_timeout_s=0.05, body_timeout_s=0.05)
+    protocol, transport, _ = edge_protocol(limits, _websocket_app)
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    )
+    await asyncio.sleep(0.2)
+    assert transport.written.startswith(b"HTTP/1.1 101 ")  # the WebSocket protocol's answer
+    assert b"408" not in transport.written
+    assert not transport.eof
+    assert not transport.closed
+    transport.protocol.connection_lost(None)

@@ -262,6 +262,13 @@ class EdgeProtocol(HttpToolsProtocol):
                 self.logger.warning(msg)
                 self.send_400_response(msg)
 
+    def handle_websocket_upgrade(self) -> None:
+        # The transport now belongs to the WebSocket protocol: nothing of ours may
+        # time it out or write to it.
+        self._done = True
+        self._stop_timers()
+        super().handle_websocket_upgrade()
+
     def send_400_response(self, msg: str) -> None:
         self._done = True
         self._stop_timers()
