@@ -10,7 +10,9 @@ one head (at most twice that for a head pipelined behind a body in the same read
 whose first bytes arrive before the head has begun). The hooks used are the
 parser callbacks (`on_message_begin`, `on_header`, `on_headers_complete`, `on_body`,
 `on_message_complete`, and `on_chunk_header`, which uvicorn does not use) and
-`data_received`, `connection_made`, `connection_lost`, `send_400_response`.
+`data_received`, `connection_made`, `connection_lost`, `send_400_response`,
+`handle_websocket_upgrade`. The head and body deadlines are checked by one sweeper
+per server, within a second of passing (a quarter of the timeout if shorter).
 
 A refused connection is answered (431, 408, 503) when no response of its own is
 under way, then half-closed: the FIN follows the answer, and what the client still
@@ -29,6 +31,7 @@ import asyncio
 import functools
 import http
 import time
+import weakref
 from asyncio import TimerHandle
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -44,6 +47,9 @@ from proxy.settings import ServerSettings
 
 LINGER_S = 2.0
 """How long a refused connection's remaining input is read and dropped."""
+MAX_TICK_S = 1.0
+"""Deadlines are checked this often at most (a quarter of the shortest timeout if
+less), so a connection is closed within its timeout plus that."""
 LOG_EVERY_S = 10.0
 """At most one log line per refusal reason this often (a flood must not flood the log)."""
 
@@ -152,10 +158,81 @@ def _note(reason: str, status: int) -> None:
     )
 
 
+class _Sweeper:
+    """One timer per server for every connection's head and body deadlines, instead
+    of one per connection. A pending uvloop timer costs ~600 bytes of heap: left to
+    fire, it would be held by most open streams; cancelled when the head is done, it
+    would cost a timer call (~2 µs) per request. A connection is watched while a
+    head or a body is due, and a deadline is acted on within one `tick` of passing."""
+
+    __slots__ = ("_handle", "_loop", "tick", "watched")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self._loop = loop
+        self.tick = tick
+        self.watched: set[EdgeProtocol] = set()
+        self._handle: TimerHandle | None = None
+
+    @classmethod
+    def of(
+        cls, server_state: ServerState, loop: asyncio.AbstractEventLoop, limits: EdgeLimits
+    ) -> _Sweeper:
+        """The sweeper of the server `server_state` belongs to."""
+        sweeper = _SWEEPERS.get(server_state)
+        if sweeper is None:
+            tick = min(MAX_TICK_S, limits.header_timeout_s / 4, limits.body_timeout_s / 4)
+            sweeper = _SWEEPERS[server_state] = cls(loop, tick)
+        return sweeper
+
+    def watch(self, protocol: EdgeProtocol) -> None:
+        self.watched.add(protocol)
+        if self._handle is None:
+            self._handle = self._loop.call_later(self.tick, self._sweep)
+
+    def forget(self, protocol: EdgeProtocol) -> None:
+        self.watched.discard(protocol)
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for protocol in list(self.watched):  # a check may refuse, and forget
+            if not protocol.check(now):
+                self.watched.discard(protocol)
+        self._handle = self._loop.call_later(self.tick, self._sweep) if self.watched else None
+
+    def __repr__(self) -> str:
+        return f"_Sweeper(watched={len(self.watched)}, tick={self.tick:g})"
+
+
+_SWEEPERS: weakref.WeakKeyDictionary[ServerState, _Sweeper] = weakref.WeakKeyDictionary()
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """One client connection. Between requests uvicorn's keep-alive timeout applies;
     from a head's first byte (or the connection's accept) `header_timeout_s`; while
     a body is read, `body_timeout_s` of silence."""
+
+    # Slots, not the instance dict: uvicorn's protocol already has 28 attributes, and
+    # past 30 CPython gives up the dict's key sharing, which costs ~2 KiB per
+    # connection (measured) on top of the ~150 bytes these take.
+    __slots__ = (
+        "_answers",
+        "_body_open",
+        "_body_read_at",
+        "_done",
+        "_head",
+        "_head_begun",
+        "_head_bytes",
+        "_head_deadline",
+        "_header_lines",
+        "_heads",
+        "_linger",
+        "_refusal",
+        "_sweeper",
+        "_trailer_bytes",
+        "_trailer_lines",
+        "_trailer_open",
+        "limits",
+    )
 
     def __init__(
         self,
@@ -174,11 +251,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes of this head fed to the parser
         self._header_lines = 0
         self._heads = 0  # heads completed on this connection
-        self._head_deadline: float | None = None
-        self._head_timer: TimerHandle | None = None
+        self._head_deadline: float | None = None  # set while a head is due
         self._body_open = False  # the head is done, the message is not
-        self._body_read_at = 0.0
-        self._body_timer: TimerHandle | None = None
+        self._body_read_at = 0.0  # when a byte of the body last arrived
+        self._sweeper = _Sweeper.of(server_state, self.loop, limits)
         self._trailer_open = False  # after a chunk-size line and before its data
         self._trailer_bytes = 0
         self._trailer_lines = 0
@@ -200,10 +276,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self._start_head_clock()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._head_timer, self._body_timer, self._linger):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = self._linger = None
+        self._sweeper.forget(self)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -229,8 +305,6 @@ class EdgeProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             self._feed(data)
         else:
-            if self._body_open:
-                self._body_read_at = self.loop.time()
             in_trailers = self._trailer_open
             self._feed(data)
             if in_trailers and self._trailer_open and not self._done:
@@ -239,10 +313,11 @@ class EdgeProtocol(HttpToolsProtocol):
                 if self._trailer_bytes > self.limits.max_header_bytes:
                     self._refuse("head_too_large")
                     return
-        if self._body_open and self._body_timer is None and not self._done:
-            # A body is being read and did not arrive whole with its head.
+        if self._body_open and not self._done:
+            # A body is being read, and has not all arrived: its silence is timed
+            # from now.
             self._body_read_at = self.loop.time()
-            self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_quiet)
+            self._sweeper.watch(self)
 
     def _feed(self, data: bytes) -> None:
         """uvicorn's `data_received`, with a limit hit in a callback answered as such."""
@@ -266,12 +341,12 @@ class EdgeProtocol(HttpToolsProtocol):
         # The transport now belongs to the WebSocket protocol: nothing of ours may
         # time it out or write to it.
         self._done = True
-        self._stop_timers()
+        self._stop_clocks()
         super().handle_websocket_upgrade()
 
     def send_400_response(self, msg: str) -> None:
         self._done = True
-        self._stop_timers()
+        self._stop_clocks()
         super().send_400_response(msg)
 
     # --- parser callbacks -----------------------------------------------------------
@@ -305,7 +380,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._heads += 1
         self._head_bytes = self._header_lines = 0
-        self._head_deadline = None  # the timer, if armed, finds nothing to time
+        self._head_deadline = None
         self._body_open = True
         self._trailer_lines = self._trailer_bytes = 0
         super().on_headers_complete()
@@ -325,52 +400,42 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         super().on_message_complete()
 
-    # --- timers ---------------------------------------------------------------------
+    # --- deadlines -------------------------------------------------------------------
 
     def _start_head_clock(self) -> None:
         self._head_deadline = self.loop.time() + self.limits.header_timeout_s
-        if self._head_timer is None:
-            # One timer per connection, re-armed lazily when it fires early: a
-            # keep-alive request costs a clock read, not a timer.
-            self._head_timer = self.loop.call_at(self._head_deadline, self._head_expired)
+        self._sweeper.watch(self)
 
-    def _head_expired(self) -> None:
-        self._head_timer = None
+    def _stop_clocks(self) -> None:
+        self._head_deadline = None
+        self._body_open = False
+
+    def check(self, now: float) -> bool:
+        """Called by the sweeper: act on a passed deadline; False once there is nothing
+        left to watch on this connection."""
+        if self._done:
+            return False
         deadline = self._head_deadline
-        if deadline is None or self._done:
-            return
-        now = self.loop.time()
-        if now < deadline:  # a later head moved the deadline
-            self._head_timer = self.loop.call_at(deadline, self._head_expired)
-            return
-        if self._head_begun:
-            self._refuse("head_timeout")
-        else:
-            # A connection that never sent a byte: nothing to answer.
-            self._done = True
-            self.transport.close()
-
-    def _body_quiet(self) -> None:
-        self._body_timer = None
-        if not self._body_open or self._done:
-            return
-        now = self.loop.time()
+        if deadline is not None:
+            if now < deadline:
+                return True
+            if self._head_begun:
+                self._refuse("head_timeout")
+            else:
+                # A connection that never sent a byte: nothing to answer.
+                self._done = True
+                self.transport.close()
+            return False
+        if not self._body_open:
+            return False
         if self.flow.read_paused:
             # We are not reading (the app has not taken what came, or a pipelined
             # request waits): the silence is ours, not the client's.
             self._body_read_at = now
-        due = self._body_read_at + self.limits.body_timeout_s
-        if now < due:
-            self._body_timer = self.loop.call_at(due, self._body_quiet)
-            return
-        self._refuse("body_timeout")
-
-    def _stop_timers(self) -> None:
-        self._head_deadline = None
-        for timer in (self._head_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = None
+        elif now - self._body_read_at >= self.limits.body_timeout_s:
+            self._refuse("body_timeout")
+            return False
+        return True
 
     # --- refusing -------------------------------------------------------------------
 
@@ -378,7 +443,7 @@ class EdgeProtocol(HttpToolsProtocol):
         """Answer `reason` if nothing else is being answered on this connection, then
         close. Input is dropped from now on."""
         self._done = True
-        self._stop_timers()
+        self._stop_clocks()
         status, answer = self._answers[reason]
         _note(reason, status)
         cycle = self.cycle
