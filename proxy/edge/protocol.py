@@ -11,8 +11,8 @@ whose first bytes arrive before the head has begun). The hooks used are the
 parser callbacks (`on_message_begin`, `on_header`, `on_headers_complete`, `on_body`,
 `on_message_complete`, and `on_chunk_header`, which uvicorn does not use) and
 `data_received`, `connection_made`, `connection_lost`, `send_400_response`,
-`handle_websocket_upgrade`. The head and body deadlines are checked by one sweeper
-per server, within a second of passing (a quarter of the timeout if shorter).
+`handle_websocket_upgrade`. The head and body deadlines are kept by one sweeper per
+server rather than a timer per connection.
 
 A refused connection is answered (431, 408, 503) when no response of its own is
 under way, then half-closed: the FIN follows the answer, and what the client still
@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import http
+import math
 import time
 import weakref
 from asyncio import TimerHandle
@@ -47,9 +48,9 @@ from proxy.settings import ServerSettings
 
 LINGER_S = 2.0
 """How long a refused connection's remaining input is read and dropped."""
-MAX_TICK_S = 1.0
-"""Deadlines are checked this often at most (a quarter of the shortest timeout if
-less), so a connection is closed within its timeout plus that."""
+MIN_GAP_S = 0.05
+"""Deadlines are swept at most this often: a connection is closed within its timeout
+plus that."""
 LOG_EVERY_S = 10.0
 """At most one log line per refusal reason this often (a flood must not flood the log)."""
 
@@ -162,45 +163,58 @@ class _Sweeper:
     """One timer per server for every connection's head and body deadlines, instead
     of one per connection. A pending uvloop timer costs ~600 bytes of heap: left to
     fire, it would be held by most open streams; cancelled when the head is done, it
-    would cost a timer call (~2 µs) per request. A connection is watched while a
-    head or a body is due, and a deadline is acted on within one `tick` of passing."""
+    would cost a timer call (~2 µs) per request. Here a connection is in `watched`
+    while a head or a body is due, and the one timer is set for the earliest
+    deadline seen by the last sweep, at most every `MIN_GAP_S`: a deadline is acted
+    on within that of passing."""
 
-    __slots__ = ("_handle", "_loop", "tick", "watched")
+    __slots__ = ("_at", "_handle", "_loop", "watched")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.tick = tick
         self.watched: set[EdgeProtocol] = set()
         self._handle: TimerHandle | None = None
+        self._at = math.inf
 
     @classmethod
-    def of(
-        cls, server_state: ServerState, loop: asyncio.AbstractEventLoop, limits: EdgeLimits
-    ) -> _Sweeper:
+    def of(cls, server_state: ServerState, loop: asyncio.AbstractEventLoop) -> _Sweeper:
         """The sweeper of the server `server_state` belongs to."""
         sweeper = _SWEEPERS.get(server_state)
         if sweeper is None:
-            tick = min(MAX_TICK_S, limits.header_timeout_s / 4, limits.body_timeout_s / 4)
-            sweeper = _SWEEPERS[server_state] = cls(loop, tick)
+            sweeper = _SWEEPERS[server_state] = cls(loop)
         return sweeper
 
-    def watch(self, protocol: EdgeProtocol) -> None:
+    def watch(self, protocol: EdgeProtocol, due: float) -> None:
+        """Look at `protocol` at `due` or earlier."""
         self.watched.add(protocol)
-        if self._handle is None:
-            self._handle = self._loop.call_later(self.tick, self._sweep)
+        if due < self._at:
+            self._schedule(due)
 
     def forget(self, protocol: EdgeProtocol) -> None:
         self.watched.discard(protocol)
 
+    def _schedule(self, due: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = max(due, self._loop.time() + MIN_GAP_S)
+        self._handle = self._loop.call_at(self._at, self._sweep)
+
     def _sweep(self) -> None:
+        self._handle = None
+        self._at = math.inf
         now = self._loop.time()
+        earliest = math.inf
         for protocol in list(self.watched):  # a check may refuse, and forget
-            if not protocol.check(now):
+            due = protocol.check(now)
+            if due is None:
                 self.watched.discard(protocol)
-        self._handle = self._loop.call_later(self.tick, self._sweep) if self.watched else None
+            elif due < earliest:
+                earliest = due
+        if self.watched:
+            self._schedule(earliest)
 
     def __repr__(self) -> str:
-        return f"_Sweeper(watched={len(self.watched)}, tick={self.tick:g})"
+        return f"_Sweeper(watched={len(self.watched)}, next_at={self._at:g})"
 
 
 _SWEEPERS: weakref.WeakKeyDictionary[ServerState, _Sweeper] = weakref.WeakKeyDictionary()
@@ -254,7 +268,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_deadline: float | None = None  # set while a head is due
         self._body_open = False  # the head is done, the message is not
         self._body_read_at = 0.0  # when a byte of the body last arrived
-        self._sweeper = _Sweeper.of(server_state, self.loop, limits)
+        self._sweeper = _Sweeper.of(server_state, self.loop)
         self._trailer_open = False  # after a chunk-size line and before its data
         self._trailer_bytes = 0
         self._trailer_lines = 0
@@ -317,7 +331,7 @@ class EdgeProtocol(HttpToolsProtocol):
             # A body is being read, and has not all arrived: its silence is timed
             # from now.
             self._body_read_at = self.loop.time()
-            self._sweeper.watch(self)
+            self._sweeper.watch(self, self._body_read_at + self.limits.body_timeout_s)
 
     def _feed(self, data: bytes) -> None:
         """uvicorn's `data_received`, with a limit hit in a callback answered as such."""
@@ -404,38 +418,39 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _start_head_clock(self) -> None:
         self._head_deadline = self.loop.time() + self.limits.header_timeout_s
-        self._sweeper.watch(self)
+        self._sweeper.watch(self, self._head_deadline)
 
     def _stop_clocks(self) -> None:
         self._head_deadline = None
         self._body_open = False
 
-    def check(self, now: float) -> bool:
-        """Called by the sweeper: act on a passed deadline; False once there is nothing
-        left to watch on this connection."""
+    def check(self, now: float) -> float | None:
+        """Called by the sweeper: act on a passed deadline. The next deadline, or None
+        once nothing is due on this connection."""
         if self._done:
-            return False
+            return None
         deadline = self._head_deadline
         if deadline is not None:
             if now < deadline:
-                return True
+                return deadline
             if self._head_begun:
                 self._refuse("head_timeout")
             else:
                 # A connection that never sent a byte: nothing to answer.
                 self._done = True
                 self.transport.close()
-            return False
+            return None
         if not self._body_open:
-            return False
+            return None
         if self.flow.read_paused:
             # We are not reading (the app has not taken what came, or a pipelined
             # request waits): the silence is ours, not the client's.
             self._body_read_at = now
-        elif now - self._body_read_at >= self.limits.body_timeout_s:
-            self._refuse("body_timeout")
-            return False
-        return True
+        due = self._body_read_at + self.limits.body_timeout_s
+        if now < due:
+            return due
+        self._refuse("body_timeout")
+        return None
 
     # --- refusing -------------------------------------------------------------------
 
