@@ -14,6 +14,9 @@ USER 10001
 WORKDIR /var/lib/sluice
 # The SQLite store lives on a volume so limits survive container restarts.
 VOLUME ["/var/lib/sluice"]
+# No admin token here on purpose: listening on 0.0.0.0 without one, sluice refuses to
+# start (one line, exit 2). Pass -e SLUICE_SERVER__ADMIN_TOKEN=... (or, knowingly,
+# SLUICE_SERVER__ALLOW_OPEN_ADMIN=true).
 ENV SLUICE_SERVER__HOST=0.0.0.0 \
     SLUICE_SERVER__PORT=8080 \
     SLUICE_SERVER__DATABASE=/var/lib/sluice/sluice.db \

@@ -61,6 +61,9 @@ NonNegativeSeconds = Annotated[float, Number, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Number, Field(ge=0)]
 PositiveInt = Annotated[int, Number, Field(ge=1)]
 Port = Annotated[int, Number, Field(ge=0, le=65535)]
+# Below 1 KiB not even a request line with a long path and a Host header fits.
+HeadBytes = Annotated[int, Number, Field(ge=1024)]
+AuthHeader = Literal["authorization", "x-api-key", "api-key"]
 
 
 class _Section(BaseModel):
@@ -79,6 +82,14 @@ class ServerSettings(_Section):
     upstream_connect_timeout_s: PositiveSeconds = 10
     upstream_read_timeout_s: PositiveSeconds = 600
     ca_bundle: str = ""
+    # The edge: limits on clients (README, "Limits on clients").
+    allow_open_admin: bool = False
+    max_header_bytes: HeadBytes = 65_536
+    max_headers: PositiveInt = 100
+    client_header_timeout_s: PositiveSeconds = 10
+    client_body_timeout_s: PositiveSeconds = 60
+    max_connections: PositiveInt = 10_000
+    max_queued_body_bytes: PositiveInt = 1_073_741_824
 
     @model_validator(mode="after")
     def _ca_bundle_exists(self) -> ServerSettings:
@@ -162,6 +173,7 @@ class ProviderSettings(AdmissionSettings):
     base_url: str
     api_key: SecretStr | None = None
     api_key_env: str | None = None
+    auth_header: AuthHeader = "authorization"
     limit: Limit | None = None
     usage_gate: bool = False
     default: bool = False
@@ -371,6 +383,7 @@ class ProviderConfig:
     connect_timeout_s: float
     read_timeout_s: float
     policy: Policy
+    auth_header: AuthHeader = "authorization"  # where the provider key goes
 
     def __repr__(self) -> str:  # never show the key
         return (
@@ -411,6 +424,7 @@ def resolve_providers(settings: Settings) -> list[ProviderConfig]:
                     ),
                     **p.overrides(),
                 ),
+                auth_header=p.auth_header,
             )
         )
     return resolved

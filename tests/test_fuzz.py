@@ -167,7 +167,9 @@ def proxy(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Itera
         api_key = "{PROVIDER_KEY}"
         limit = 5
         """,
-        server=f'admin_token = "{ADMIN_TOKEN}"',
+        # Two header values of up to 60 kB each must reach the relay: the head
+        # limit (64 KiB by default) has tests of its own in test_edge_limits.
+        server=f'admin_token = "{ADMIN_TOKEN}"\nmax_header_bytes = 262144',
         admission="cooldown_ms = 0",
     )
     yield server

@@ -65,6 +65,14 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
         "upstream_connect_timeout_s": 10,
         "upstream_read_timeout_s": 600,
         "ca_bundle": "",
+        # SPEC section 11
+        "allow_open_admin": False,
+        "max_header_bytes": 65_536,
+        "max_headers": 100,
+        "client_header_timeout_s": 10,
+        "client_body_timeout_s": 60,
+        "max_connections": 10_000,
+        "max_queued_body_bytes": 1_073_741_824,
     },
     "admission": {
         "cooldown_ms": 350,
@@ -88,6 +96,7 @@ SPEC_DEFAULTS: dict[str, dict[str, Any]] = {
 PROVIDER_DEFAULTS: dict[str, Any] = {
     "api_key": None,
     "api_key_env": None,
+    "auth_header": "authorization",
     "limit": None,
     "usage_gate": False,
     "default": False,
@@ -123,6 +132,13 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "upstream_connect_timeout_s": 2.5,
         "upstream_read_timeout_s": 90.5,
         "ca_bundle": certifi.where(),  # a real PEM bundle: the file is checked at load
+        "allow_open_admin": True,
+        "max_header_bytes": 8192,
+        "max_headers": 20,
+        "client_header_timeout_s": 2.5,
+        "client_body_timeout_s": 7.5,
+        "max_connections": 64,
+        "max_queued_body_bytes": 1_000_000,
     },
     "admission": {
         "cooldown_ms": 500,
@@ -151,6 +167,7 @@ NON_DEFAULT_PROVIDER: dict[str, Any] = {
     "id": "other",
     "base_url": "https://llm.example.com/api/v1",
     "api_key_env": "OTHER_API_KEY",
+    "auth_header": "x-api-key",
     "limit": 4,
     "usage_gate": True,
     "default": True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import ipaddress
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from uvicorn.supervisors import Multiprocess
 
 from proxy.edge import logs
 from proxy.edge.app import Sluice
+from proxy.edge.protocol import edge_protocol
 from proxy.errors import ConfigError
 from proxy.settings import (
     ServerSettings,
@@ -65,6 +67,7 @@ def run(
         resolve_providers(settings)  # reads the keys: a missing one is a config error
         resolve_clients(settings)
         check_cluster(settings, workers)
+        check_exposure(settings.server)
         # Bound before anything is built or logged: a port in use is one line, not a
         # "sluice started" followed by uvicorn's error.
         sock = listen(settings.server.host, settings.server.port)
@@ -74,6 +77,12 @@ def run(
     server = settings.server
     _configure_logging(settings)
     _warn_about_status_variables(settings)
+    if open_admin(server):
+        structlog.get_logger("sluice").warning(
+            "admin routes are open: no admin_token on a non-loopback host "
+            "(server.allow_open_admin = true); anyone who reaches this port can change the limits",
+            host=server.host,
+        )
     if workers > 1:
         return serve_workers(settings, config, workers, sock)
     return serve(
@@ -150,7 +159,9 @@ def _warn_about_status_variables(settings: Settings) -> None:
 def _uvicorn_options(server: ServerSettings) -> dict[str, Any]:
     return {
         "loop": "uvloop",
-        "http": "httptools",
+        # uvicorn's httptools protocol with the edge limits (a partial:
+        # picklable into --workers processes).
+        "http": edge_protocol(server),
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
@@ -176,6 +187,38 @@ def check_cluster(settings: Settings, workers: int) -> None:
 
         if (problem := check_url(url)) is not None:
             raise ConfigError(f"config error: cluster.redis_url: {problem}")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost` . `0.0.0.0` and `::` are every
+    interface, and any other name may resolve anywhere: neither is loopback."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def open_admin(server: ServerSettings) -> bool:
+    """Listening beyond this machine with the admin routes unauthenticated."""
+    return not server.admin_token.get_secret_value() and not is_loopback(server.host)
+
+
+def check_exposure(server: ServerSettings) -> None:
+    """Refuse to serve the admin routes without a token to the network, unless the
+    operator said so (`allow_open_admin`): anyone who reaches the port could set every
+    limit. Checked on the effective host, after the environment and `--host`."""
+    if open_admin(server) and not server.allow_open_admin:
+        raise ConfigError(
+            f"config error: server.admin_token: required when listening on {server.host}, "
+            "which is not loopback (set SLUICE_SERVER__ADMIN_TOKEN, listen on 127.0.0.1, "
+            "or set server.allow_open_admin = true)"
+        )
 
 
 def serve_workers(

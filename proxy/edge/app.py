@@ -63,6 +63,7 @@ class Sluice:
             settings.server.max_body_bytes,
             self.metrics.requests,
             ClientKeys(clients) if clients else None,
+            settings.server.max_queued_body_bytes,
         )
         self.web = Starlette(
             routes=admin.routes(

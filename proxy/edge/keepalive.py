@@ -1,4 +1,4 @@
-"""Queued-stream keepalive (SPEC section 12): a streaming request that waits in the
+"""Queued-stream keepalive (README, "Waiting"): a streaming request that waits in the
 queue longer than `queued_keepalive_s` gets its 200 and SSE comments while it waits,
 so that load balancers and clients that cut a silent connection keep it open.
 

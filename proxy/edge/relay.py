@@ -22,6 +22,7 @@ from proxy.edge.clients import ClientKeys
 from proxy.edge.headers import MIN_EPOCH_MS, prompt_started_at_ms, retry_after_s
 from proxy.edge.keepalive import QueuedStream, error_event, upstream_failure, wants_stream
 from proxy.edge.metrics import Requests
+from proxy.edge.queued_bodies import QueuedBodies
 from proxy.edge.routing import Route
 from proxy.errors import (
     BodyTooLarge,
@@ -180,11 +181,13 @@ class Relay:
         max_body_bytes: int,
         requests: Requests | None = None,
         clients: ClientKeys | None = None,
+        max_queued_body_bytes: int = 1 << 30,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.clients = clients  # None: no [[clients]], no client key asked for
         self.prompts: PromptTimes | None = None  # set at start (app.py)
         self.requests = requests if requests is not None else Requests()
+        self.queued_bodies = QueuedBodies(max_queued_body_bytes)
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, route: Route[Provider]
@@ -294,13 +297,16 @@ class Relay:
             keepalive = QueuedStream(send, ex, provider.id_bytes, policy.queued_keepalive_s)
         while True:
             waited_from = loop.time()
-            outcome = await admission.admit(
-                priority,
-                conversation_id=ex.conversation_id,
-                seq=seq,
-                client_id=ex.client,
-                prompt_source=ex.prompt_source,
-                keepalive=keepalive,
+            outcome = await self.queued_bodies.wait(
+                len(body),
+                admission.admit(
+                    priority,
+                    conversation_id=ex.conversation_id,
+                    seq=seq,
+                    client_id=ex.client,
+                    prompt_source=ex.prompt_source,
+                    keepalive=keepalive,
+                ),
             )
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):

@@ -14,6 +14,18 @@ from proxy.upstream.transport import HOP_BY_HOP, Transport, UpstreamResponse
 
 USAGE_TIMEOUT_S = 2.0
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
+CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+"""Every header a client may carry its key in (OpenAI, Anthropic and Azure styles)."""
+
+
+def credential_header(config: ProviderConfig) -> tuple[bytes, bytes] | None:
+    """The header that carries the provider's key: `Authorization: Bearer <key>`, or
+    the bare key in `x-api-key` / `api-key` (`auth_header`); None without a key."""
+    if not config.api_key:
+        return None
+    if config.auth_header == "authorization":
+        return b"authorization", f"Bearer {config.api_key}".encode()
+    return config.auth_header.encode(), config.api_key.encode()
 
 
 class Upstream:
@@ -28,11 +40,13 @@ class Upstream:
         ca_bundle: str = "",
     ) -> None:
         self.config = config
-        self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
-        self._usage_headers = [(b"authorization", self._auth)] if self._auth else []
+        self._credential = credential_header(config)
+        self._usage_headers = [self._credential] if self._credential else []
         self._base = config.base_url.rstrip("/")
-        # Computed once: the provider's key replaces the client's Authorization.
-        self._drop = _DROP_REQUEST | {b"authorization"} if self._auth else _DROP_REQUEST
+        # Computed once: with a provider key, no client credential goes upstream,
+        # whichever header it came in (a client may send a key the provider reads
+        # from another header than the one we set).
+        self._drop = _DROP_REQUEST | CREDENTIALS if self._credential else _DROP_REQUEST
         self.transport: Transport = transport or Http1Transport(
             connect_timeout_s=config.connect_timeout_s,
             read_timeout_s=config.read_timeout_s,
@@ -54,15 +68,15 @@ class Upstream:
 
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The client's headers minus hop-by-hop ones (and those its Connection names),
-        with Authorization replaced when the provider has a key."""
+        with every client credential replaced by the provider's key when it has one."""
         drop = self._drop
         for name, value in headers:
             if name == b"connection":
                 listed = {token.strip().lower() for token in value.split(b",")}
                 drop = drop | listed
         forwarded = [(name, value) for name, value in headers if name not in drop]
-        if self._auth is not None:
-            forwarded.append((b"authorization", self._auth))
+        if self._credential is not None:
+            forwarded.append(self._credential)
         return forwarded
 
     def send(
