@@ -369,7 +369,10 @@ def test_compose_defaults_agree_with_the_readme_and_the_config_defaults() -> Non
     example = readme.split("run `docker compose up -d`:", 1)[1].split("```sh", 1)[1]
     named = set(re.findall(r"^(\w+)=", example.split("```", 1)[0], re.M))
     named |= set(re.findall(r"^#   (\w+)=", COMPOSE.read_text(), re.M))
-    assert named == set(defaults)
+    # And the ones compose requires (`${NAME:?message}`): the admin token.
+    required = set(re.findall(r"\$\{(\w+):\?", str(environment)))
+    assert required == {"ADMIN_TOKEN"}
+    assert named == set(defaults) | required
 
 
 def test_dotenv_is_ignored_by_git() -> None:
@@ -423,14 +426,21 @@ def test_docker_compose_v1_accepts_the_file_but_for_depends_on_required(tmp_path
     assert removed == 1
     (tmp_path / "compose.yaml").write_text(text)
     shutil.copy(ROOT / "Dockerfile", tmp_path)
-    result = subprocess.run(
-        ["docker-compose", "-f", "compose.yaml", "config"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-        env=clean_environ({}),
-    )
+
+    def config(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker-compose", "-f", "compose.yaml", "config"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+            env=clean_environ(environ),
+        )
+
+    refused = config({})  # no admin token: compose itself stops
+    assert refused.returncode != 0
+    assert "set ADMIN_TOKEN in .env" in refused.stderr
+    result = config({"ADMIN_TOKEN": "a-long-random-string"})
     assert result.returncode == 0, result.stderr
     sluice = yaml.safe_load(result.stdout)["services"]["sluice"]
     assert sluice["environment"]["SLUICE_PROVIDERS__0__USAGE_GATE"] == "false"
