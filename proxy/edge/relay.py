@@ -297,17 +297,17 @@ class Relay:
             keepalive = QueuedStream(send, ex, provider.id_bytes, policy.queued_keepalive_s)
         while True:
             waited_from = loop.time()
-            outcome = await self.queued_bodies.wait(
-                len(body),
-                admission.admit(
-                    priority,
-                    conversation_id=ex.conversation_id,
-                    seq=seq,
-                    client_id=ex.client,
-                    prompt_source=ex.prompt_source,
-                    keepalive=keepalive,
-                ),
+            waiting = admission.admit(
+                priority,
+                conversation_id=ex.conversation_id,
+                seq=seq,
+                client_id=ex.client,
+                prompt_source=ex.prompt_source,
+                keepalive=keepalive,
             )
+            if admission.limit is not None:  # without a limit nobody ever waits
+                waiting = self.queued_bodies.wait(len(body), waiting)
+            outcome = await waiting
             queued_s += loop.time() - waited_from
             if isinstance(outcome, Rejection):
                 raise _rejection_error(outcome, provider.id)
