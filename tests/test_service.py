@@ -266,3 +266,17 @@ def test_dockerfile_runs_sluice_serve_as_non_root_with_a_healthcheck() -> None:
     assert "USER 10001" in text
     assert "/healthz" in text.split("HEALTHCHECK", 1)[1]
     assert 'VOLUME ["/var/lib/sluice"]' in text
+
+
+def test_sluice_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"sluice {version('llm-sluice')}"
