@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import process
+from proxy.tools import process
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -7,7 +7,10 @@
     │   ├── BadRequest         400, e.g. a malformed X-Prompt-Started-At
     │   ├── Unauthorized       401, no client key or an unknown one ([[clients]] set)
     │   ├── NotFound           404, unknown provider or route
-    │   └── BodyTooLarge       413, over server.max_body_bytes
+    │   ├── BodyTooLarge       413, over server.max_body_bytes
+    │   ├── RequestTimeout     408, a client's head or body stalled (the edge protocol)
+    │   └── HeadTooLarge       431, over max_header_bytes or max_headers
+    ├── TooManyConnections     503, over server.max_connections (at accept)
     ├── UpstreamError          the provider could not be reached or went silent
     │   ├── UpstreamUnavailable  502, connect failure or timeout, reset before the headers
     │   ├── UpstreamTimeout      504, no byte for read_timeout_s
@@ -86,6 +89,28 @@ class NotFound(ClientError):
 class BodyTooLarge(ClientError):
     status = 413
     code = "body_too_large"
+
+
+class RequestTimeout(ClientError):
+    """The client's head or body stalled past client_header/body_timeout_s."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class HeadTooLarge(ClientError):
+    """A request head over max_header_bytes or max_headers."""
+
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class TooManyConnections(HTTPError):
+    """Over server.max_connections open client connections."""
+
+    status = 503
+    type = "sluice_overloaded"
+    code = "too_many_connections"
 
 
 class UpstreamError(HTTPError):

@@ -43,7 +43,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from proxy.errors import ClientError, HTTPError
+from proxy.errors import HeadTooLarge, HTTPError, RequestTimeout, TooManyConnections
 from proxy.settings import ServerSettings
 
 LINGER_S = 2.0
@@ -57,22 +57,6 @@ LOG_EVERY_S = 10.0
 log = structlog.get_logger("sluice")
 
 Reason = Literal["head_too_large", "too_many_headers", "head_timeout", "body_timeout", "full"]
-
-
-class HeadTooLarge(ClientError):
-    status = 431
-    code = "request_header_fields_too_large"
-
-
-class RequestTimeout(ClientError):
-    status = 408
-    code = "request_timeout"
-
-
-class TooManyConnections(HTTPError):
-    status = 503
-    type = "sluice_overloaded"
-    code = "too_many_connections"
 
 
 @dataclass(frozen=True)
