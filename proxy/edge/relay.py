@@ -32,7 +32,6 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.prompts import (
-    Dialect,
     agent_started_at_ms,
     conversation_from_headers,
     derive,
@@ -285,7 +284,9 @@ class Relay:
         admission = provider.admission
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         ex.conversation_id = conversation_from_headers(headers)
-        priority = await self._prompt_start(route, headers, body, ex)
+        priority = self._prompt_start(route, headers, ex)
+        if priority is None:
+            priority = await self._derived(route, body, ex)
         seq = admission.next_seq()
         loop = asyncio.get_running_loop()
         queued_s = 0.0
@@ -336,41 +337,48 @@ class Relay:
             provider.observe_queue_wait(queued_s)
             return slot, response
 
-    async def _prompt_start(
-        self, route: Route[Provider], headers: list[tuple[bytes, bytes]], body: bytes, ex: Exchange
-    ) -> float:
+    def _prompt_start(
+        self, route: Route[Provider], headers: list[tuple[bytes, bytes]], ex: Exchange
+    ) -> float | None:
         """When the client's current prompt started (docs/design.md, "Task age"): the
         header; else, where the provider has a limit and derivation is on, the agent's
-        own turn start or the first time sluice saw this prompt; else the arrival."""
+        own turn start; else the arrival, unless the body may name a prompt sluice has
+        seen: None then, and `_derived` answers (only that path awaits anything)."""
         now_ms = time.time() * 1000
         header = _header(headers, b"x-prompt-started-at")
         started, source = now_ms, "arrival"
-        policy = route.provider.config.policy
         if header is not None:
             started, source = prompt_started_at_ms(header, now_ms), "header"
-        elif policy.derive_prompt_start and route.provider.admission.limit is not None:
+        elif (
+            route.provider.config.policy.derive_prompt_start
+            and route.provider.admission.limit is not None
+        ):
             agent = agent_started_at_ms(headers)
             if agent is not None and agent >= MIN_EPOCH_MS:
                 started, source = min(agent, now_ms), "agent"
-            elif self.prompts is not None and (dialect := dialect_for(route.path)) is not None:
-                found = await self._derived(dialect, body, ex.conversation_id, now_ms)
-                if found is not None:
-                    started, source = min(found, now_ms), "derived"
+            elif self.prompts is not None and dialect_for(route.path) is not None:
+                return None
         ex.prompt_started_at = round(started)
         ex.prompt_source = source
         return started
 
-    async def _derived(
-        self, dialect: Dialect, body: bytes, conversation_id: str | None, now_ms: float
-    ) -> float | None:
-        """The first-seen time of the prompt `body` continues, or None if it names none."""
+    async def _derived(self, route: Route[Provider], body: bytes, ex: Exchange) -> float:
+        """The first-seen time of the prompt `body` names (source `derived`), or the
+        arrival when it names none."""
         assert self.prompts is not None
-        derivation = derive(dialect, body, conversation_id)
+        now_ms = time.time() * 1000
+        dialect = dialect_for(route.path)
+        assert dialect is not None
+        derivation = derive(dialect, body, ex.conversation_id)
+        found: float | None = None
         if derivation.prompt_key is not None:
-            return await self.prompts.first_seen(derivation.prompt_key, now_ms)
-        if derivation.previous_response_id is not None:
-            return await self.prompts.known(response_key(derivation.previous_response_id), now_ms)
-        return None
+            found = await self.prompts.first_seen(derivation.prompt_key, now_ms)
+        elif derivation.previous_response_id is not None:
+            found = await self.prompts.known(response_key(derivation.previous_response_id), now_ms)
+        started, source = (now_ms, "arrival") if found is None else (min(found, now_ms), "derived")
+        ex.prompt_started_at = round(started)
+        ex.prompt_source = source
+        return started
 
     def _response_id_catcher(
         self, route: Route[Provider], ex: Exchange
