@@ -190,7 +190,7 @@ def check_cluster(settings: Settings, workers: int) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost` . `0.0.0.0` and `::` are every
+    """127.0.0.0/8, ::1 or `localhost`. `0.0.0.0` and `::` are every
     interface, and any other name may resolve anywhere: neither is loopback."""
     name = host.strip("[]").rstrip(".").lower()
     if name == "localhost":

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Final
 
 from proxy.errors import Unauthorized
 from proxy.settings import ClientConfig
-
-CREDENTIAL_HEADERS: Final = frozenset({b"authorization", b"x-api-key", b"api-key"})
-"""Every header a client's credential may travel in . With clients
-configured they carry the client's sluice key, so none is forwarded: a provider with
-a key of its own gets that one; one without gets no credentials from the client."""
+from proxy.upstream.client import CREDENTIALS
 
 _MISSING = (
     "a client key is required: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
@@ -36,7 +31,7 @@ class ClientKeys:
         presented: list[bytes] = []
         kept: list[tuple[bytes, bytes]] = []
         for name, value in headers:
-            if name not in CREDENTIAL_HEADERS:
+            if name not in CREDENTIALS:
                 kept.append((name, value))
             elif name == b"authorization":
                 scheme, _, credential = value.partition(b" ")

@@ -15,6 +15,9 @@ from proxy.upstream.transport import HOP_BY_HOP, Transport, UpstreamResponse
 USAGE_TIMEOUT_S = 2.0
 _DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length"}
 CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+"""Every header a client's credential may travel in. None is forwarded when the
+provider has a key of its own, nor, with `[[clients]]`, when it carries the client's
+sluice key (the edge strips them then: `proxy.edge.clients`)."""
 """Every header a client may carry its key in (OpenAI, Anthropic and Azure styles)."""
 
 
